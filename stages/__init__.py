@@ -1,0 +1,1 @@
+"""The pipeline's stages (download, train, report) and the modules they share."""

@@ -1,0 +1,137 @@
+"""Stage `download`: fetch the CIFAR-10 archive, check its md5, write the compact dataset.
+
+Reads params.yaml's `data.url` (http(s)://, file:// or a local path) and
+`data.md5`; writes data/cifar10/ (see stages/data.py). The archive itself is
+not kept: only the uint8 arrays training needs.
+
+    python -m stages.download
+"""
+
+import hashlib
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+from tqdm import tqdm
+
+from stages.data import (
+    BATCH_DIR,
+    DATASET_DIR,
+    META,
+    TEST_BATCH,
+    TRAIN_BATCHES,
+    ArchiveError,
+    read_archive_batches,
+    save_dataset,
+)
+from stages.errors import PipelineError, exits_cleanly
+from stages.params import load_params
+
+CHUNK = 1 << 20
+TIMEOUT_S = 60  # per socket operation, so a dead server fails instead of hanging
+
+
+class DownloadError(PipelineError):
+    """The archive could not be fetched, or is not the one params.yaml names."""
+
+
+def download(url, md5, out_dir=DATASET_DIR):
+    """Fetches url, checks md5, and writes the dataset to out_dir; nothing is left on failure."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with local_copy(url, out_dir.parent) as archive:
+        check_md5(archive, md5, url)
+        dataset = read_archive_batches(read_members(archive))
+    save_dataset(dataset, out_dir)
+    print(f"wrote {out_dir}: {len(dataset.train.labels)} training and {len(dataset.test.labels)} test images")
+
+
+@contextmanager
+def local_copy(url, scratch_dir):
+    """Yields a local path to the archive: the file itself for local URLs, else a temporary download."""
+    parsed = urlparse(url)
+    if parsed.scheme in ("http", "https"):
+        with tempfile.TemporaryDirectory(dir=scratch_dir, prefix=".download-") as tmp:
+            path = Path(tmp) / "archive.tar.gz"
+            fetch_http(url, path)
+            yield path
+        return
+    if parsed.scheme == "file":
+        path = Path(url2pathname(parsed.path))
+    elif parsed.scheme == "" or len(parsed.scheme) == 1:  # a plain path, or a Windows drive letter
+        path = Path(url)
+    else:
+        raise DownloadError(
+            f"data.url {url!r}: unsupported scheme {parsed.scheme!r}; use http(s)://, file:// or a local path"
+        )
+    if not path.is_file():
+        raise DownloadError(
+            f"data.url {url!r}: no such file {path}; point data.url at a copy of cifar-10-python.tar.gz"
+        )
+    yield path
+
+
+def fetch_http(url, path):
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, open(path, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc="download", disable=None) as bar:
+                while chunk := response.read(CHUNK):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+            if total is not None and out.tell() != total:
+                raise DownloadError(f"download of {url} ended after {out.tell()} of {total} bytes; try again")
+    except urllib.error.HTTPError as error:
+        raise DownloadError(
+            f"could not download {url}: HTTP {error.code} {error.reason}; check data.url in params.yaml"
+        ) from None
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise DownloadError(
+            f"could not download {url}: {reason}; check data.url in params.yaml, "
+            "or point it at a local copy (file:///path/to/cifar-10-python.tar.gz)"
+        ) from None
+
+
+def check_md5(path, expected, url):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    actual = digest.hexdigest()
+    if actual != expected.lower():
+        raise DownloadError(
+            f"the archive from {url} has md5 {actual}, but params.yaml's data.md5 is {expected}; "
+            f"the file is corrupt or not the one expected. If you trust it, set data.md5: {actual}"
+        )
+
+
+def read_members(archive):
+    """Reads the batch files straight out of the tar: nothing is extracted to disk."""
+    wanted = {f"{BATCH_DIR}/{name}" for name in [*TRAIN_BATCHES, TEST_BATCH, META]}
+    members = {}
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for member in tar:
+                name = member.name.removeprefix("./")
+                if name in wanted and member.isfile():
+                    members[name.split("/", 1)[1]] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
+        raise ArchiveError(f"{archive} is not a complete .tar.gz archive ({error}); download it again") from None
+    return members
+
+
+@exits_cleanly
+def main():
+    params = load_params()
+    download(params["data"]["url"], params["data"]["md5"])
+
+
+if __name__ == "__main__":
+    main()

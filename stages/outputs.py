@@ -1,0 +1,65 @@
+"""Where each try's outputs live, and writing them so that a killed stage leaves nothing that looks complete."""
+
+import csv
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NamedTuple
+
+
+class TryOutputs(NamedTuple):
+    model: Path
+    metrics: Path
+    history: Path
+    predictions: Path
+
+
+def outputs_for(name):
+    return TryOutputs(
+        model=Path("models") / f"{name}.pt",
+        metrics=Path("metrics") / f"{name}.json",
+        history=Path("plots") / name / "history.csv",
+        predictions=Path("plots") / name / "predictions.csv",
+    )
+
+
+@contextmanager
+def atomic_path(path):
+    """Yields a temporary sibling of path to write to; renames it to path only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_json(path, data):
+    with atomic_path(path) as partial:
+        partial.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_csv(path, header, rows):
+    with atomic_path(path) as partial, open(partial, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+@contextmanager
+def atomic_dir(path):
+    """Yields an empty temporary sibling folder; on success it replaces path as a whole."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+        shutil.rmtree(path, ignore_errors=True)
+        partial.rename(path)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)

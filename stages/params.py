@@ -1,0 +1,154 @@
+"""Reads params.yaml, checks every value in it, and resolves each try's config.
+
+All stages call `load_params()` first, so a typo anywhere stops the pipeline
+before any work is done, with every problem listed at once.
+A try's effective config is `train` overlaid with the try's own keys.
+"""
+
+import difflib
+import math
+import re
+from pathlib import Path
+
+import yaml
+
+from stages.errors import ParamsError
+from stages.models import MODELS
+
+PARAMS_FILE = Path("params.yaml")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+# Try names become file names (models/<try>.pt) and DVC stage names (train@<try>).
+TRY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+class Rule:
+    """A check on one value, with the words that tell the user what is allowed."""
+
+    def __init__(self, allowed, accepts):
+        self.allowed = allowed
+        self.accepts = accepts
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def one_of(*choices):
+    return Rule(f"one of {', '.join(map(repr, choices))}", lambda v: isinstance(v, str) and v in choices)
+
+
+POSITIVE_INT = Rule("an integer > 0", lambda v: _is_int(v) and v > 0)
+NON_NEGATIVE_INT = Rule("an integer >= 0", lambda v: _is_int(v) and v >= 0)
+POSITIVE_NUMBER = Rule("a number > 0", lambda v: _is_number(v) and v > 0)
+NON_NEGATIVE_NUMBER = Rule("a number >= 0", lambda v: _is_number(v) and v >= 0)
+PROBABILITY = Rule("a number from 0 to 1", lambda v: _is_number(v) and 0 <= v <= 1)
+BOOLEAN = Rule("true or false", lambda v: isinstance(v, bool))
+TEXT = Rule("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
+MD5 = Rule("32 hexadecimal digits", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-fA-F]{32}", v))
+SCALE_RANGE = Rule(
+    "a list [low, high] of numbers with 0 < low <= high",
+    lambda v: isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v) and 0 < v[0] <= v[1],
+)
+
+DATA_SCHEMA = {"url": TEXT, "md5": MD5}
+TRAIN_SCHEMA = {
+    "epochs": POSITIVE_INT,
+    "batch_size": POSITIVE_INT,
+    "lr": POSITIVE_NUMBER,
+    "optimizer": one_of(*OPTIMIZERS),
+    "momentum": NON_NEGATIVE_NUMBER,
+    "weight_decay": NON_NEGATIVE_NUMBER,
+    "augment": BOOLEAN,
+    "seed": NON_NEGATIVE_INT,
+    "device": one_of(*DEVICES),
+}
+AUGMENT_SCHEMA = {
+    "flip_p": PROBABILITY,
+    "rotation": NON_NEGATIVE_NUMBER,
+    "shear": NON_NEGATIVE_NUMBER,
+    "scale": SCALE_RANGE,
+    "brightness": NON_NEGATIVE_NUMBER,
+    "contrast": NON_NEGATIVE_NUMBER,
+    "saturation": NON_NEGATIVE_NUMBER,
+}
+TRY_SCHEMA = {"model": one_of(*MODELS), **TRAIN_SCHEMA}
+SECTIONS = {"data": DATA_SCHEMA, "train": TRAIN_SCHEMA, "augment": AUGMENT_SCHEMA, "tries": None}
+
+
+def load_params(path=PARAMS_FILE):
+    """Returns params.yaml as a dict, or raises ParamsError listing every problem."""
+    path = Path(path)
+    try:
+        params = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError([f"{path} not found; run from the project's root"], source=str(path)) from None
+    except yaml.YAMLError as error:
+        raise ParamsError([f"not valid YAML: {error}"], source=str(path)) from None
+    problems = check_params(params)
+    if problems:
+        raise ParamsError(problems, source=str(path))
+    return params
+
+
+def check_params(params):
+    """Returns a list of problems, one line each, naming the key, the value and what is allowed."""
+    if not isinstance(params, dict):
+        return [f"expected a mapping with sections {', '.join(SECTIONS)}, got {params!r}"]
+    problems = [_unknown_key("", key, SECTIONS) for key in params if key not in SECTIONS]
+    for section, schema in SECTIONS.items():
+        if section not in params:
+            problems.append(f"{section}: missing section")
+        elif schema is not None:
+            problems += check_mapping(section, params[section], schema, required=True)
+    if "tries" in params:
+        problems += check_tries(params["tries"])
+    return problems
+
+
+def check_tries(tries):
+    if not isinstance(tries, dict) or not tries:
+        return [f"tries: expected a non-empty mapping of try name to its settings, got {tries!r}"]
+    problems = []
+    for name, settings in tries.items():
+        if not isinstance(name, str) or not TRY_NAME.match(name):
+            problems.append(f"tries.{name}: a try name may hold only letters, digits, '_', '.' and '-'")
+        problems += check_mapping(f"tries.{name}", settings, TRY_SCHEMA, required=False)
+        if isinstance(settings, dict) and "model" not in settings:
+            problems.append(f"tries.{name}.model: missing; expected {TRY_SCHEMA['model'].allowed}")
+    return problems
+
+
+def check_mapping(where, mapping, schema, required):
+    """Checks one section; with required=False, missing keys are allowed (a try inherits them)."""
+    if not isinstance(mapping, dict):
+        return [f"{where}: expected a mapping with keys from {', '.join(schema)}, got {mapping!r}"]
+    problems = []
+    for key, value in mapping.items():
+        if key not in schema:
+            problems.append(_unknown_key(where, key, schema))
+        elif not schema[key].accepts(value):
+            problems.append(f"{where}.{key}: got {value!r}; expected {schema[key].allowed}")
+    if required:
+        problems += [
+            f"{where}.{key}: missing; expected {rule.allowed}" for key, rule in schema.items() if key not in mapping
+        ]
+    return problems
+
+
+def _unknown_key(where, key, allowed):
+    close = difflib.get_close_matches(str(key), list(allowed), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    prefix = f"{where}." if where else ""
+    return f"{prefix}{key}: unknown key{hint}; allowed keys: {', '.join(allowed)}"
+
+
+def resolve_try(params, name):
+    """The effective config of one try: train's defaults overlaid with the try's keys."""
+    if name not in params["tries"]:
+        raise ParamsError([f"tries.{name}: no such try; tries are {', '.join(params['tries'])}"])
+    return {**params["train"], **params["tries"][name]}

@@ -1,0 +1,107 @@
+"""Shared fixtures: small archives in the official layout, a loopback HTTP server, a temporary project."""
+
+import functools
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.cifar_archive import batch_files, write_archive
+
+ROOT = Path(__file__).resolve().parent.parent
+# What a clone of the project holds that the pipeline needs.
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore"]
+# Small enough for seconds per stage, large enough that accuracy means something.
+E2E_TRAIN = {"epochs": 2, "batch_size": 50}
+# `git commit` and `dvc exp run` need an identity, which a fresh CI machine lacks.
+GIT_IDENTITY = {
+    f"GIT_{role}_{field}": value
+    for role in ("AUTHOR", "COMMITTER")
+    for field, value in (("NAME", "test"), ("EMAIL", "test@example.com"))
+}
+
+
+@pytest.fixture(scope="session")
+def archive_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("archives")
+
+
+@pytest.fixture(scope="session")
+def small_archive(archive_dir):
+    """(path, md5) of a 1,000 + 300 image archive, pickled as the official one is."""
+    path = archive_dir / "cifar-10-python.tar.gz"
+    return path, write_archive(path, batch_files())
+
+
+@pytest.fixture(scope="session")
+def http_server(archive_dir):
+    """Serves archive_dir on 127.0.0.1; yields its base URL."""
+    handler = functools.partial(QuietHandler, directory=str(archive_dir))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def run(args, cwd, check=True):
+    """Runs a command with this interpreter's bin/ first on PATH, so DVC's `python` is ours."""
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "PYTHONUNBUFFERED": "1",
+        **GIT_IDENTITY,
+    }
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(map(str, args))} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+def dvc(*args, cwd, check=True):
+    return run([sys.executable, "-m", "dvc", *args], cwd=cwd, check=check)
+
+
+def make_project(dest, url, md5, train=E2E_TRAIN):
+    """A git repo holding a copy of the project, its params pointing at url."""
+    for name in PROJECT_FILES:
+        source, target = ROOT / name, dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, target)
+    edit_params(dest, lambda p: (p["data"].update(url=url, md5=md5), p["train"].update(train)))
+    run(["git", "init", "-q"], cwd=dest)
+    run(["git", "add", "-A"], cwd=dest)
+    run(["git", "commit", "-qm", "project"], cwd=dest)
+    return dest
+
+
+def edit_params(project, change):
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    change(params)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture
+def project(tmp_path, http_server, small_archive):
+    """A fresh project whose data.url is the small archive on the loopback server."""
+    path, md5 = small_archive
+    return make_project(tmp_path / "project", f"{http_server}/{path.name}", md5)

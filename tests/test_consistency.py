@@ -1,0 +1,69 @@
+"""dvc.yaml, params.yaml, the code, the README and CI agree with each other."""
+
+import ast
+import re
+
+import pytest
+import yaml
+
+from stages.params import SECTIONS, TRAIN_SCHEMA
+from tests.conftest import ROOT
+
+DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def stage_definitions():
+    """(name, definition) of each stage, with a foreach stage's `do` body."""
+    for name, stage in DVC_YAML["stages"].items():
+        yield name, stage.get("do", stage)
+
+
+def imported_stage_modules(module, seen=None):
+    """stages/*.py files a module imports, directly or through other stage modules."""
+    seen = set() if seen is None else seen
+    tree = ast.parse((ROOT / "stages" / f"{module}.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stages."):
+            name = node.module.split(".", 1)[1]
+            if name not in seen:
+                seen.add(name)
+                imported_stage_modules(name, seen)
+    return seen
+
+
+@pytest.mark.parametrize("name, stage", list(stage_definitions()), ids=[n for n, _ in stage_definitions()])
+def test_each_stage_lists_all_the_code_it_runs(name, stage):
+    module = re.fullmatch(r"python -m stages\.(\w+)( .*)?", stage["cmd"]).group(1)
+    code = {f"stages/{m}.py" for m in {module} | imported_stage_modules(module)}
+    code -= {"stages/errors.py", "stages/outputs.py"}  # how errors and files are written, not what is computed
+    if name != "train":  # these only validate params.yaml; train also merges each try's config with them
+        code -= {"stages/params.py", "stages/models.py"}
+    deps = {d for d in stage["deps"] if d.startswith("stages/")}
+    assert deps == code
+
+
+def test_each_params_section_is_used_by_a_stage_and_exists():
+    used = {p.split(".")[0] for _, stage in stage_definitions() for p in stage.get("params", [])}
+    assert used == set(PARAMS) == set(SECTIONS)
+
+
+def test_every_train_key_is_in_params_yaml_with_a_comment():
+    assert set(PARAMS["train"]) == set(TRAIN_SCHEMA)
+    text = (ROOT / "params.yaml").read_text()
+    for key in TRAIN_SCHEMA:
+        assert re.search(rf"^  {key}: .+#", text, re.M), f"train.{key} has no comment in params.yaml"
+
+
+def test_the_overlaid_plots_name_the_posts_tries():
+    for plot in DVC_YAML["plots"]:
+        if isinstance(plot, dict):
+            (definition,) = plot.values()
+            tries = {path.split("/")[1] for path in definition["y"]}
+            assert tries == set(PARAMS["tries"])
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"# install and run the tests\n(.+)\n", readme).group(1).strip()
+    assert command in (ROOT / ".ci" / "run").read_text()

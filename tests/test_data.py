@@ -1,0 +1,132 @@
+"""The download stage: fetch, check, read the official batch format, and refuse anything else cleanly."""
+
+import hashlib
+import pickle
+
+import numpy as np
+import pytest
+
+from stages.data import ArchiveError, load_dataset
+from stages.download import DownloadError, download
+from tests.cifar_archive import CLASSES, batch_files, learnable_images, write_archive
+
+
+def archive(tmp_path, files, name="cifar.tar.gz"):
+    path = tmp_path / name
+    return path, write_archive(path, files)
+
+
+def leftovers(out_dir):
+    """Anything the stage may have left beside its output: partial folders, downloads."""
+    return [p.name for p in out_dir.parent.iterdir() if p != out_dir]
+
+
+@pytest.mark.parametrize("py3", [False, True], ids=["python2-pickles", "python3-pickles"])
+def test_reads_the_official_layout_into_uint8_arrays(tmp_path, py3):
+    path, md5 = archive(tmp_path, batch_files(py3=py3))
+    out = tmp_path / "data" / "cifar10"
+    download(str(path), md5, out)
+    dataset = load_dataset(out)
+    train_pixels, train_labels = learnable_images(1000, seed=0)
+    assert dataset.classes == CLASSES
+    assert dataset.train.images.shape == (1000, 3, 32, 32) and dataset.test.images.shape == (300, 3, 32, 32)
+    assert str(dataset.train.images.dtype) == "torch.uint8"
+    # Batch order and the channel-first pixel layout survive: image 0's red plane is its first 1024 values.
+    assert np.array_equal(dataset.train.images.reshape(1000, -1).numpy(), train_pixels)
+    assert dataset.train.labels.tolist() == train_labels
+
+
+def test_fetches_over_http_and_from_file_urls(tmp_path, http_server, small_archive):
+    path, md5 = small_archive
+    for url in (f"{http_server}/{path.name}", path.as_uri()):
+        out = tmp_path / url.split(":")[0] / "cifar10"
+        download(url, md5, out)
+        assert len(load_dataset(out).train.labels) == 1000
+        assert leftovers(out) == []
+
+
+def test_a_wrong_md5_names_both_checksums_and_leaves_nothing(tmp_path, http_server, small_archive):
+    path, md5 = small_archive
+    out = tmp_path / "data" / "cifar10"
+    with pytest.raises(DownloadError, match=f"has md5 {md5}, but params.yaml's data.md5 is {'f' * 32}"):
+        download(f"{http_server}/{path.name}", "f" * 32, out)
+    assert not out.exists() and leftovers(out) == []
+
+
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("http://127.0.0.1:9/cifar.tar.gz", "could not download http://127.0.0.1:9/cifar.tar.gz"),
+        ("/no/such/cifar.tar.gz", "no such file /no/such/cifar.tar.gz"),
+        ("ftp://example.org/cifar.tar.gz", "unsupported scheme 'ftp'"),
+    ],
+)
+def test_unreachable_sources_say_what_to_fix(tmp_path, url, expected):
+    out = tmp_path / "data" / "cifar10"
+    with pytest.raises(DownloadError, match=expected):
+        download(url, "0" * 32, out)
+    assert not out.exists()
+
+
+def test_a_missing_file_on_the_server_reports_the_http_status(tmp_path, http_server):
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        download(f"{http_server}/missing.tar.gz", "0" * 32, tmp_path / "data" / "cifar10")
+
+
+def test_a_truncated_archive_is_refused(tmp_path, small_archive):
+    full, _ = small_archive
+    path = tmp_path / "truncated.tar.gz"
+    path.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    out = tmp_path / "data" / "cifar10"
+    with pytest.raises(ArchiveError, match="not a complete .tar.gz archive"):
+        download(str(path), hashlib.md5(path.read_bytes()).hexdigest(), out)
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_missing_members_are_listed(tmp_path):
+    files = batch_files()
+    del files["data_batch_3"], files["batches.meta"]
+    path, md5 = archive(tmp_path, files)
+    with pytest.raises(ArchiveError, match="lacks cifar-10-batches-py/data_batch_3, cifar-10-batches-py/batches.meta"):
+        download(str(path), md5, tmp_path / "data" / "cifar10")
+
+
+@pytest.mark.parametrize(
+    "batch, expected",
+    [
+        (
+            {"data": np.zeros((10, 3000), np.uint8), "labels": [0] * 10},
+            "data_batch_2: 'data' must be an N x 3072 uint8 array, found uint8 array of shape (10, 3000)",
+        ),
+        ({"data": np.zeros((10, 3072), np.float32), "labels": [0] * 10}, "found float32 array"),
+        ({"data": np.zeros((10, 3072), np.uint8), "labels": [0] * 9}, "data_batch_2: expected 10 labels"),
+        (
+            {"data": np.zeros((10, 3072), np.uint8), "labels": [12] * 10},
+            "data_batch_2: labels must be 0-9, found 12-12",
+        ),
+    ],
+)
+def test_batches_of_the_wrong_shape_or_range_are_refused(tmp_path, batch, expected):
+    files = batch_files()
+    files["data_batch_2"] = pickle.dumps(batch, protocol=2)
+    path, md5 = archive(tmp_path, files)
+    with pytest.raises(ArchiveError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        download(str(path), md5, tmp_path / "data" / "cifar10")
+
+
+class RunsACommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (__import__("os").system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_does_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    files = batch_files()
+    files["test_batch"] = pickle.dumps({"data": RunsACommand(marker), "labels": []}, protocol=2)
+    path, md5 = archive(tmp_path, files)
+    with pytest.raises(ArchiveError, match=r"test_batch: refused to unpickle (posix|os)\.system"):
+        download(str(path), md5, tmp_path / "data" / "cifar10")
+    assert not marker.exists()

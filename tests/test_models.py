@@ -1,0 +1,34 @@
+"""The post's networks: layer sizes give the expected parameter counts and output shapes."""
+
+import pytest
+import torch
+
+from stages.models import MODELS, build_model, count_parameters
+
+# Counted by hand from the post's layers: conv weights + biases, then fc weights + biases.
+EXPECTED_PARAMETERS = {
+    "lenet": (3 * 20 * 25 + 20) + (20 * 50 * 25 + 50) + (1250 * 500 + 500) + (500 * 10 + 10),
+    "lenet2": (3 * 16 * 9 + 16) + (16 * 32 * 9 + 32) + (32 * 64 * 9 + 64) + (1024 * 500 + 500) + (500 * 10 + 10),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_model_maps_a_batch_of_images_to_ten_logits(name):
+    model = build_model(name)
+    assert model(torch.zeros(4, 3, 32, 32)).shape == (4, 10)
+    assert count_parameters(model) == EXPECTED_PARAMETERS[name]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_dropout_is_active_in_training_and_off_in_eval(name):
+    torch.manual_seed(0)
+    model, images = build_model(name), torch.randn(8, 3, 32, 32)
+    model.train()
+    assert not torch.equal(model(images), model(images))
+    model.eval()
+    assert torch.equal(model(images), model(images))
+
+
+def test_an_unknown_model_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown model 'vgg'; valid models: lenet, lenet2"):
+        build_model("vgg")

@@ -1,0 +1,101 @@
+"""Training one try on a small learnable dataset: outputs, true percentages, eval mode, reproducibility."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from stages.augment import build_augmentation
+from stages.data import Dataset, Split, read_archive_batches
+from stages.params import load_params, resolve_try
+from stages.train import evaluate, outputs_for, train
+from tests.cifar_archive import batch_files
+from tests.conftest import ROOT
+
+QUICK = {"epochs": 2, "batch_size": 64}  # 64 does not divide 1,000: the last batch is partial
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    arrays = read_archive_batches(batch_files())
+    as_split = lambda split: Split(torch.from_numpy(split.images), torch.from_numpy(split.labels))  # noqa: E731
+    return Dataset(as_split(arrays.train), as_split(arrays.test), arrays.classes)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return load_params(ROOT / "params.yaml")
+
+
+def run_try(params, dataset, directory, name, **overrides):
+    config = {**resolve_try(params, name), **QUICK, **overrides}
+    outputs = outputs_for(name)
+    outputs = type(outputs)(*(directory / path for path in outputs))
+    return train(config, params["augment"], dataset, outputs, name), outputs
+
+
+@pytest.mark.parametrize("name", ["lenet", "lenet2", "lenet2_aug"])
+def test_a_try_learns_and_writes_every_output(tmp_path, params, dataset, name):
+    metrics, outputs = run_try(params, dataset, tmp_path, name)
+    assert metrics["val"]["acc"] > 50  # chance is 10%
+    assert json.loads(outputs.metrics.read_text()) == metrics
+    with open(outputs.history) as f:
+        history = list(csv.DictReader(f))
+    assert [row["epoch"] for row in history] == ["1", "2"]
+    assert float(history[-1]["val_acc"]) == pytest.approx(metrics["val"]["acc"], abs=1e-4)
+    with open(outputs.predictions) as f:
+        predictions = list(csv.DictReader(f))
+    # Accuracy is a share of images, so it must agree with the predictions file row by row.
+    correct = sum(row["actual"] == row["predicted"] for row in predictions)
+    assert len(predictions) == 300 and metrics["val"]["acc"] == pytest.approx(100 * correct / 300, abs=1e-4)
+    checkpoint = torch.load(outputs.model, weights_only=True)
+    assert checkpoint["config"]["model"] == params["tries"][name]["model"]
+    assert checkpoint["classes"] == dataset.classes and len(checkpoint["history"]) == 2
+    assert not [p for p in tmp_path.rglob("*partial*")]
+
+
+def test_same_seed_gives_identical_results_and_another_seed_does_not(tmp_path, params, dataset):
+    first, first_out = run_try(params, dataset, tmp_path / "a", "lenet2_aug")
+    again, again_out = run_try(params, dataset, tmp_path / "b", "lenet2_aug")
+    other, _ = run_try(params, dataset, tmp_path / "c", "lenet2_aug", seed=1)
+    drop_time = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # noqa: E731
+    assert drop_time(first) == drop_time(again) and drop_time(first) != drop_time(other)
+    weights = [torch.load(o.model, weights_only=True)["state_dict"] for o in (first_out, again_out)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_evaluate_counts_every_image_and_switches_dropout_off(dataset):
+    torch.manual_seed(0)
+    from stages.models import build_model
+
+    model = build_model("lenet")
+    model.train()
+    first, second = evaluate(model, dataset.test), evaluate(model, dataset.test)
+    assert not model.training
+    assert first["loss"] == second["loss"] and torch.equal(first["predictions"], second["predictions"])
+    assert len(first["predictions"]) == 300
+
+
+def test_augmentation_draws_per_image_and_keeps_shape_and_dtype(params):
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    batch = image.expand(16, -1, -1, -1)
+    augmented = build_augmentation(params["augment"])(batch)
+    assert augmented.shape == batch.shape and augmented.dtype == torch.uint8
+    # Sixteen copies of one image, each with its own random draw: no two come out the same.
+    assert len({bytes(a.flatten().tolist()) for a in augmented}) == 16
+
+
+def test_a_recipe_of_zeros_leaves_images_unchanged():
+    identity = {
+        "flip_p": 0,
+        "rotation": 0,
+        "shear": 0,
+        "scale": [1, 1],
+        "brightness": 0,
+        "contrast": 0,
+        "saturation": 0,
+    }
+    batch = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    assert torch.equal(build_augmentation(identity)(batch), batch)
