@@ -8,8 +8,12 @@ not kept: only the uint8 arrays training needs.
 """
 
 import hashlib
+import http.client
+import shutil
+import sys
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import zlib
@@ -35,6 +39,8 @@ from stages.params import load_params
 
 CHUNK = 1 << 20
 TIMEOUT_S = 60  # per socket operation, so a dead server fails instead of hanging
+ATTEMPTS = 4  # a dropped connection, a timeout or a 5xx is retried, after 1, 2, then 4 s
+BACKOFF_S = 1.0
 
 
 class DownloadError(PipelineError):
@@ -57,6 +63,8 @@ def local_copy(url, scratch_dir):
     """Yields a local path to the archive: the file itself for local URLs, else a temporary download."""
     parsed = urlparse(url)
     if parsed.scheme in ("http", "https"):
+        for stale in Path(scratch_dir).glob(".download-*"):  # left by a run that was killed
+            shutil.rmtree(stale, ignore_errors=True)
         with tempfile.TemporaryDirectory(dir=scratch_dir, prefix=".download-") as tmp:
             path = Path(tmp) / "archive.tar.gz"
             fetch_http(url, path)
@@ -77,7 +85,24 @@ def local_copy(url, scratch_dir):
     yield path
 
 
-def fetch_http(url, path):
+class TransientError(Exception):
+    """A failure worth retrying: the server or the connection may do better next time."""
+
+
+def fetch_http(url, path, attempts=ATTEMPTS):
+    """Downloads url to path, starting over after transient failures, with exponential backoff."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fetch_once(url, path)
+        except TransientError as error:
+            if attempt == attempts:
+                raise DownloadError(f"could not download {url} after {attempts} attempts: {error}") from None
+            wait = BACKOFF_S * 2 ** (attempt - 1)
+            print(f"download: {error}; retrying in {wait:g} s (attempt {attempt + 1} of {attempts})", file=sys.stderr)
+            time.sleep(wait)
+
+
+def fetch_once(url, path):
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, open(path, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
@@ -86,13 +111,19 @@ def fetch_http(url, path):
                     out.write(chunk)
                     bar.update(len(chunk))
             if total is not None and out.tell() != total:
-                raise DownloadError(f"download of {url} ended after {out.tell()} of {total} bytes; try again")
+                raise TransientError(f"the transfer ended after {out.tell()} of {total} bytes")
     except urllib.error.HTTPError as error:
+        if error.code >= 500 or error.code == 429:
+            raise TransientError(f"HTTP {error.code} {error.reason}") from None
         raise DownloadError(
             f"could not download {url}: HTTP {error.code} {error.reason}; check data.url in params.yaml"
         ) from None
+    except (http.client.IncompleteRead, ConnectionResetError, TimeoutError) as error:
+        raise TransientError(f"{type(error).__name__}: {error}") from None
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
+        if isinstance(reason, (ConnectionResetError, TimeoutError)):
+            raise TransientError(f"{type(reason).__name__}: {reason}") from None
         raise DownloadError(
             f"could not download {url}: {reason}; check data.url in params.yaml, "
             "or point it at a local copy (file:///path/to/cifar-10-python.tar.gz)"

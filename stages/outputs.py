@@ -25,12 +25,22 @@ def outputs_for(name):
     )
 
 
+def fresh_partial(path):
+    """A temporary name beside path, after removing those that killed runs left there."""
+    for stale in path.parent.glob(f".{path.name}.partial-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
+    return path.with_name(f".{path.name}.partial-{os.getpid()}")
+
+
 @contextmanager
 def atomic_path(path):
     """Yields a temporary sibling of path to write to; renames it to path only on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    partial = fresh_partial(path)
     try:
         yield partial
         os.replace(partial, path)
@@ -54,9 +64,9 @@ def write_csv(path, header, rows):
 def atomic_dir(path):
     """Yields an empty temporary sibling folder; on success it replaces path as a whole."""
     path = Path(path)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = fresh_partial(path)
+    partial.mkdir()
     try:
         yield partial
         shutil.rmtree(path, ignore_errors=True)

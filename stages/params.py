@@ -2,7 +2,9 @@
 
 All stages call `load_params()` first, so a typo anywhere stops the pipeline
 before any work is done, with every problem listed at once.
-A try's effective config is `train` overlaid with the try's own keys.
+A try's effective config is `train` overlaid with the try's own keys; a key
+set to null inherits train's value (it is there so that `dvc exp run -S
+tries.<try>.<key>=...` can set it: DVC's -S only overrides keys that exist).
 """
 
 import difflib
@@ -66,6 +68,7 @@ TRAIN_SCHEMA = {
     "augment": BOOLEAN,
     "seed": NON_NEGATIVE_INT,
     "device": one_of(*DEVICES),
+    "amp": BOOLEAN,
 }
 AUGMENT_SCHEMA = {
     "flip_p": PROBABILITY,
@@ -131,6 +134,8 @@ def check_mapping(where, mapping, schema, required):
     for key, value in mapping.items():
         if key not in schema:
             problems.append(_unknown_key(where, key, schema))
+        elif value is None and not required and key != "model":
+            continue  # a try's null key inherits train's value
         elif not schema[key].accepts(value):
             problems.append(f"{where}.{key}: got {value!r}; expected {schema[key].allowed}")
     if required:
@@ -148,7 +153,8 @@ def _unknown_key(where, key, allowed):
 
 
 def resolve_try(params, name):
-    """The effective config of one try: train's defaults overlaid with the try's keys."""
+    """The effective config of one try: train's defaults overlaid with the try's keys that are not null."""
     if name not in params["tries"]:
         raise ParamsError([f"tries.{name}: no such try; tries are {', '.join(params['tries'])}"])
-    return {**params["train"], **params["tries"][name]}
+    own = {key: value for key, value in params["tries"][name].items() if value is not None}
+    return {**params["train"], **own}

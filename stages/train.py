@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from stages.augment import build_augmentation
-from stages.data import DATASET_DIR, Split, load_dataset
+from stages.data import DATASET_DIR, Dataset, Split, load_dataset
 from stages.errors import PipelineError, exits_cleanly
 from stages.models import build_model, count_parameters
 from stages.outputs import atomic_path, outputs_for, write_csv, write_json
@@ -27,6 +27,7 @@ from stages.params import load_params, resolve_try
 
 MEAN, STD = 0.5, 0.5  # the post's Normalize((0.5,)*3, (0.5,)*3)
 EVAL_BATCH = 1000  # evaluation holds no gradients, so larger batches are cheap
+CHECK_EVERY_GPU = 50  # batches between looks at the loss on a GPU, where each look waits for the GPU
 HISTORY_HEADER = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
 
 
@@ -53,100 +54,140 @@ def build_optimizer(config, parameters):
 
 
 def normalise(images):
-    """uint8 (B, 3, H, W) -> float in [-1, 1], as ToTensor + Normalize(0.5, 0.5) give."""
-    return images.float().div_(255).sub_(MEAN).div_(STD)
+    """uint8 (B, 3, H, W) -> float in [-1, 1], as ToTensor + Normalize(0.5, 0.5) give.
+
+    channels_last: the convolutions run faster on CPU in that layout, results equal up to rounding.
+    """
+    images = images.float().div_(255).sub_(MEAN).div_(STD)
+    return images.contiguous(memory_format=torch.channels_last)
 
 
-def train_one_epoch(model, optimizer, split, batch_size, generator, augment=None, desc="train"):
-    """One pass over split in a seeded random order; returns mean loss and accuracy (%) over images."""
+def mixed_precision(device, enabled):
+    """bfloat16 autocast on CUDA when train.amp is on; elsewhere plain float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, batch, value):
+        super().__init__(f"loss {value} at batch {batch}")
+        self.batch, self.value = batch, value
+
+
+def train_one_epoch(model, optimizer, split, batch_size, generator, augment=None, amp=False, desc="train"):
+    """One pass over split in a seeded random order; returns mean loss and accuracy (%) over images.
+
+    Raises NonFiniteLoss as soon as a batch's loss is nan or infinite (on a GPU, within CHECK_EVERY_GPU
+    batches: looking at the loss every step would stall it).
+    """
     model.train()
     device = split.images.device
     count = len(split.labels)
-    order = torch.randperm(count, generator=generator).to(device)
-    total_loss = torch.zeros((), device=device)
+    batches = torch.randperm(count, generator=generator).to(device).split(batch_size)
+    losses = torch.zeros(len(batches), device=device)  # per batch, kept on the device
     correct = torch.zeros((), device=device, dtype=torch.long)
-    for indices in tqdm(order.split(batch_size), desc=desc, unit="batch", leave=False, disable=None):
+    check_every = 1 if device.type == "cpu" else CHECK_EVERY_GPU
+    for step, indices in enumerate(tqdm(batches, desc=desc, unit="batch", leave=False, disable=None)):
         images, labels = split.images[indices], split.labels[indices]
         if augment is not None:
             images = augment(images)
-        outputs = model(normalise(images))
-        loss = F.cross_entropy(outputs, labels)
+        with mixed_precision(device, amp):
+            outputs = model(normalise(images))
+            loss = F.cross_entropy(outputs, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        # Accumulate on the device: .item() here would stall a GPU every step.
-        total_loss += loss.detach() * len(indices)
+        losses[step] = loss.detach() * len(indices)
         correct += (outputs.argmax(1) == labels).sum()
-    return {"loss": total_loss.item() / count, "acc": 100 * correct.item() / count}
+        if (step + 1) % check_every == 0 or step + 1 == len(batches):
+            raise_if_not_finite(losses, step + 1 - check_every, step + 1)
+    return {"loss": losses.sum().item() / count, "acc": 100 * correct.item() / count}
+
+
+def raise_if_not_finite(losses, start, stop):
+    window = losses[max(start, 0) : stop]
+    if not torch.isfinite(window).all():
+        first = max(start, 0) + int((~torch.isfinite(window)).nonzero()[0])
+        raise NonFiniteLoss(batch=first + 1, value=losses[first].item())
 
 
 @torch.no_grad()
-def evaluate(model, split):
+def evaluate(model, split, amp=False):
     """Loss and accuracy (%) over every image of split, in eval mode (dropout off)."""
     model.eval()
-    total_loss, predictions = 0.0, []
+    device = split.images.device
+    total_loss = torch.zeros((), device=device)
+    predictions = []
     for start in range(0, len(split.labels), EVAL_BATCH):
         images = split.images[start : start + EVAL_BATCH]
         labels = split.labels[start : start + EVAL_BATCH]
-        outputs = model(normalise(images))
-        total_loss += F.cross_entropy(outputs, labels, reduction="sum").item()
+        with mixed_precision(device, amp):
+            outputs = model(normalise(images))
+        total_loss += F.cross_entropy(outputs.float(), labels, reduction="sum")
         predictions.append(outputs.argmax(1))
     predictions = torch.cat(predictions)
     count = len(split.labels)
     accuracy = 100 * (predictions == split.labels).sum().item() / count
-    return {"loss": total_loss / count, "acc": accuracy, "predictions": predictions.cpu()}
+    return {"loss": total_loss.item() / count, "acc": accuracy, "predictions": predictions.cpu()}
 
 
 def train(config, recipe, dataset, outputs, name="try"):
     """Trains one try on dataset and writes its outputs; returns its metrics."""
     started = time.perf_counter()
     device = pick_device(config["device"])
-    torch.manual_seed(config["seed"])  # weight init, dropout and augmentation
-    shuffle = torch.Generator().manual_seed(config["seed"])
-    train_split = Split(*(t.to(device) for t in dataset.train))
-    test_split = Split(*(t.to(device) for t in dataset.test))
-    model = build_model(config["model"], len(dataset.classes)).to(device)
+    torch.manual_seed(config["seed"])  # weight init and dropout
+    generator = torch.Generator().manual_seed(config["seed"])  # data order and augmentation draws
+    data = Dataset(*(Split(*(t.to(device) for t in split)) for split in dataset[:2]), dataset.classes)
+    model = build_model(config["model"], len(dataset.classes)).to(device, memory_format=torch.channels_last)
     optimizer = build_optimizer(config, model.parameters())
-    augment = build_augmentation(recipe) if config["augment"] else None
+    augment = build_augmentation(recipe, generator) if config["augment"] else None
+    if config["amp"] and device.type != "cuda":
+        print(f"train.amp: mixed precision applies on CUDA only; training in float32 on {device}")
     print(
         f"{name}: {config['model']} ({count_parameters(model):,} parameters) on {device}, "
-        f"{config['epochs']} epochs of {len(train_split.labels)} images, augment={config['augment']}",
+        f"{config['epochs']} epochs of {len(data.train.labels)} images, augment={config['augment']}",
         flush=True,
     )
-
     history = []
     for epoch in range(1, config["epochs"] + 1):
-        epoch_start = time.perf_counter()
-        fit = train_one_epoch(
-            model,
-            optimizer,
-            train_split,
-            config["batch_size"],
-            shuffle,
-            augment,
-            desc=f"epoch {epoch}/{config['epochs']}",
-        )
-        val = evaluate(model, test_split)
-        history.append(
-            {
-                "epoch": epoch,
-                "train_loss": fit["loss"],
-                "train_acc": fit["acc"],
-                "val_loss": val["loss"],
-                "val_acc": val["acc"],
-            }
-        )
-        print(
-            f"epoch {epoch:>2}/{config['epochs']}  training loss: {fit['loss']:.5f}, acc: {fit['acc']:.2f}%  "
-            f"validation loss: {val['loss']:.5f}, acc: {val['acc']:.2f}%  ({time.perf_counter() - epoch_start:.1f} s)",
-            flush=True,
-        )
-
+        row, predictions = run_epoch(epoch, model, optimizer, data, config, generator, augment, name)
+        history.append(row)
     metrics = summarise(history, count_parameters(model), time.perf_counter() - started)
-    write_outputs(
-        outputs, model, config, dataset.classes, history, val["predictions"], test_split.labels.cpu(), metrics
-    )
+    write_outputs(outputs, model, config, dataset.classes, history, predictions, dataset.test.labels, metrics)
     return metrics
+
+
+def run_epoch(epoch, model, optimizer, data, config, generator, augment, name):
+    """Trains and evaluates one epoch, prints it like the post does; returns its history row and predictions."""
+    started = time.perf_counter()
+    epochs = config["epochs"]
+    try:
+        fit = train_one_epoch(model, optimizer, data.train, config["batch_size"], generator, augment,
+                              config["amp"], desc=f"epoch {epoch}/{epochs}")  # fmt: skip
+        val = evaluate(model, data.test, config["amp"])
+    except NonFiniteLoss as bad:
+        raise PipelineError(
+            f"{name}: the training loss became {bad.value} at epoch {epoch}, batch {bad.batch}, "
+            f"with lr {config['lr']}; training diverged, so nothing was written. "
+            f"Lower tries.{name}.lr or train.lr and rerun"
+        ) from None
+    except torch.cuda.OutOfMemoryError:
+        raise PipelineError(
+            f"{name}: out of GPU memory with batch_size {config['batch_size']}; "
+            f"set a smaller tries.{name}.batch_size or train.batch_size"
+        ) from None
+    print(
+        f"epoch {epoch:>2}/{epochs}  training loss: {fit['loss']:.5f}, acc: {fit['acc']:.2f}%  "
+        f"validation loss: {val['loss']:.5f}, acc: {val['acc']:.2f}%  ({time.perf_counter() - started:.1f} s)",
+        flush=True,
+    )
+    row = {
+        "epoch": epoch,
+        "train_loss": fit["loss"],
+        "train_acc": fit["acc"],
+        "val_loss": val["loss"],
+        "val_acc": val["acc"],
+    }
+    return row, val["predictions"]
 
 
 def summarise(history, parameters, seconds):

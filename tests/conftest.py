@@ -56,16 +56,15 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+def tool_env():
+    """The environment for the commands tests run: this interpreter's bin/ first on PATH (so DVC's
+    `python` is ours), unbuffered output, no analytics, and a git identity."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return {**os.environ, "PATH": path, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1", **GIT_IDENTITY}
+
+
 def run(args, cwd, check=True):
-    """Runs a command with this interpreter's bin/ first on PATH, so DVC's `python` is ours."""
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "DVC_NO_ANALYTICS": "1",
-        "PYTHONUNBUFFERED": "1",
-        **GIT_IDENTITY,
-    }
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    result = subprocess.run(args, cwd=cwd, env=tool_env(), capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(map(str, args))} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"

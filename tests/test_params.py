@@ -39,6 +39,13 @@ def test_train_augment_reaches_every_try_that_does_not_set_its_own(params):
     assert [resolve_try(params, t)["augment"] for t in params["tries"]] == [False, True, True]
 
 
+def test_a_null_try_key_inherits_and_a_set_one_overrides(params):
+    params["train"]["lr"] = 0.01
+    params["tries"]["lenet"].update(lr=None, augment=True)
+    assert check_params(params) == []
+    assert (resolve_try(params, "lenet")["lr"], resolve_try(params, "lenet")["augment"]) == (0.01, True)
+
+
 def test_an_unknown_try_is_named():
     with pytest.raises(ParamsError, match="tries.nope: no such try"):
         resolve_try({"tries": {"lenet": {"model": "lenet"}}}, "nope")

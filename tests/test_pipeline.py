@@ -3,9 +3,16 @@
 import csv
 import json
 import re
+import time
 
 import pytest
+import torch
 
+from stages.data import Dataset, Split, read_archive_batches
+from stages.download import read_members
+from stages.outputs import TryOutputs, outputs_for
+from stages.params import resolve_try
+from stages.train import train
 from tests.conftest import dvc, edit_params, make_project, run
 
 pytestmark = pytest.mark.e2e
@@ -59,6 +66,55 @@ def test_second_repro_runs_nothing(reproduced):
     result = dvc("repro", cwd=project)
     assert stages_run(result.stdout) == []
     assert "up to date" in result.stdout
+
+
+def exp_show(project):
+    """{experiment name: (params, metrics)} from `dvc exp show --json`."""
+    experiments = {}
+    for commit in json.loads(dvc("exp", "show", "--json", cwd=project).stdout):
+        for experiment in commit.get("experiments") or []:
+            for rev in experiment["revs"]:
+                data = rev["data"]
+                metrics = {path: value["data"] for path, value in data["metrics"].items()}
+                experiments[rev["name"]] = (data["params"]["params.yaml"]["data"], metrics)
+    return experiments
+
+
+def without_time(metrics):
+    return {key: value for key, value in metrics.items() if key != "seconds"}
+
+
+QUEUED = {"seed1": "++tries.lenet.seed=1", "seed2": "++tries.lenet.seed=2", "augment-lenet": "tries.lenet.augment=true"}
+
+
+def test_queued_experiments_run_two_at_a_time_each_with_its_own_metrics(reproduced, small_archive):
+    project, _ = reproduced
+    for name, change in QUEUED.items():
+        dvc("exp", "run", "--queue", "-n", name, "-S", change, cwd=project)
+    dvc("queue", "start", "-j", "2", cwd=project)
+    try:
+        deadline = time.monotonic() + 300
+        while re.search(r"\b(Queued|Running)\b", dvc("queue", "status", cwd=project).stdout):
+            assert time.monotonic() < deadline, "queued experiments did not finish in 5 minutes"
+            time.sleep(3)
+    finally:
+        dvc("queue", "stop", cwd=project, check=False)
+    experiments = exp_show(project)
+    baseline = {t: json.loads((project / "metrics" / f"{t}.json").read_text()) for t in TRIES}
+    dataset = read_archive_batches(read_members(small_archive[0]))
+    dataset = Dataset(*(Split(*map(torch.from_numpy, split)) for split in dataset[:2]), dataset.classes)
+    for name in QUEUED:
+        params, metrics = experiments[name]
+        # Only lenet changed: the other tries were not retrained (their seconds, too, are the baseline's).
+        for other in ("lenet2", "lenet2_aug"):
+            assert metrics[f"metrics/{other}.json"] == baseline[other], (name, other)
+        # What a run of the same config in this process gives, bit for bit: no run saw another's files.
+        config = resolve_try(params, "lenet")
+        outputs = TryOutputs(*(project.parent / name / path for path in outputs_for("lenet")))
+        expected = train(config, params["augment"], dataset, outputs, name)
+        assert without_time(metrics["metrics/lenet.json"]) == without_time(expected), name
+        assert without_time(expected) != without_time(baseline["lenet"]), name
+    assert experiments["augment-lenet"][0]["tries"]["lenet"]["augment"] is True
 
 
 def test_exp_run_augment_all_retrains_plain_tries_and_plots_diff(reproduced):

@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-from stages.augment import build_augmentation
 from stages.data import Dataset, Split, read_archive_batches
 from stages.params import load_params, resolve_try
 from stages.train import evaluate, outputs_for, train
@@ -75,27 +74,3 @@ def test_evaluate_counts_every_image_and_switches_dropout_off(dataset):
     assert not model.training
     assert first["loss"] == second["loss"] and torch.equal(first["predictions"], second["predictions"])
     assert len(first["predictions"]) == 300
-
-
-def test_augmentation_draws_per_image_and_keeps_shape_and_dtype(params):
-    torch.manual_seed(0)
-    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
-    batch = image.expand(16, -1, -1, -1)
-    augmented = build_augmentation(params["augment"])(batch)
-    assert augmented.shape == batch.shape and augmented.dtype == torch.uint8
-    # Sixteen copies of one image, each with its own random draw: no two come out the same.
-    assert len({bytes(a.flatten().tolist()) for a in augmented}) == 16
-
-
-def test_a_recipe_of_zeros_leaves_images_unchanged():
-    identity = {
-        "flip_p": 0,
-        "rotation": 0,
-        "shear": 0,
-        "scale": [1, 1],
-        "brightness": 0,
-        "contrast": 0,
-        "saturation": 0,
-    }
-    batch = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    assert torch.equal(build_augmentation(identity)(batch), batch)

@@ -1,0 +1,195 @@
+"""Benchmark: the pipeline's training against a faithful transcription of the post's loop.
+
+For each try in params.yaml, in this one process and alternating round by round,
+on the same images, with the same model, batch size and transforms:
+  - pipeline: stages.train's train_one_epoch + evaluate (uint8 tensors in memory,
+    batched augmentation, channels_last);
+  - post: torchvision DataLoader over PIL images (ToTensor, Normalize and, for
+    augmented tries, the post's transform chain), the post's training loop;
+  - floor: the bare model step (forward, backward, Adam) on ready float tensors.
+Prints, per try, training images per second of whole epochs (training plus evaluation)
+for both loops and their ratio, and the pipeline's time per batch against the floor's
+(each a median over rounds; "over floor" is the median of each round's own ratio).
+
+    python -m benchmarks.benchmark                         # synthetic images
+    python -m benchmarks.benchmark --archive cifar-10-python.tar.gz --train-images 10000
+"""
+
+import argparse
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.nn import functional as F
+from torchvision import transforms
+
+from stages.augment import build_augmentation
+from stages.data import Split, read_archive_batches
+from stages.download import read_members
+from stages.models import build_model
+from stages.params import load_params, resolve_try
+from stages.train import build_optimizer, evaluate, normalise, pick_device, train_one_epoch
+
+
+def load_images(archive, train_count, test_count):
+    """(train Split, test Split) of uint8 tensors: real images from an archive, else random ones."""
+    if archive:
+        dataset = read_archive_batches(read_members(archive))
+        train, test = dataset.train, dataset.test
+    else:
+        rng = np.random.default_rng(0)
+        make = lambda n: Split(rng.integers(0, 256, (n, 3, 32, 32), np.uint8), rng.integers(0, 10, n))  # noqa: E731
+        train, test = make(train_count), make(test_count)
+    split = lambda s, n: Split(torch.from_numpy(s.images[:n]).clone(), torch.from_numpy(s.labels[:n]).clone())  # noqa: E731
+    return split(train, train_count), split(test, test_count)
+
+
+class PostDataset(torch.utils.data.Dataset):
+    """What torchvision's datasets.CIFAR10 hands the DataLoader: a PIL image per item, then the transform."""
+
+    def __init__(self, split, transform):
+        self.images = split.images.permute(0, 2, 3, 1).numpy()  # (N, 32, 32, 3), as CIFAR10 stores them
+        self.labels = split.labels.tolist()
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return self.transform(Image.fromarray(self.images[index])), self.labels[index]
+
+
+def post_transforms(recipe, augment):
+    chain = [transforms.Resize((32, 32))]
+    if augment:
+        chain += [
+            transforms.RandomHorizontalFlip(recipe["flip_p"]),
+            transforms.RandomRotation(recipe["rotation"]),
+            transforms.RandomAffine(0, shear=recipe["shear"], scale=tuple(recipe["scale"])),
+            transforms.ColorJitter(recipe["brightness"], recipe["contrast"], recipe["saturation"]),
+        ]
+    return transforms.Compose([*chain, transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
+
+
+def post_epoch(model, optimizer, train_loader, val_loader, device):
+    """The post's loop, as written (it skips model.eval(), which costs nothing in time)."""
+    running_loss, running_correct = 0.0, 0.0
+    for inputs, labels in train_loader:
+        inputs, labels = inputs.to(device), labels.to(device)
+        outputs = model(inputs)
+        loss = F.cross_entropy(outputs, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        _, preds = torch.max(outputs, 1)
+        running_correct += torch.sum(preds == labels.data)
+        running_loss += loss.item()
+    with torch.no_grad():
+        for val_input, val_label in val_loader:
+            val_input, val_label = val_input.to(device), val_label.to(device)
+            val_outputs = model(val_input)
+            running_loss += F.cross_entropy(val_outputs, val_label).item()
+            running_correct += torch.sum(torch.max(val_outputs, 1)[1] == val_label.data)
+
+
+def timed(device, function, *args):
+    """Seconds that function(*args) takes, waiting for the GPU's queued work at both ends."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
+    start = time.perf_counter()
+    function(*args)
+    sync()
+    return time.perf_counter() - start
+
+
+def fresh_model(config, device, channels_last):
+    torch.manual_seed(config["seed"])
+    model = build_model(config["model"]).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, build_optimizer(config, model.parameters())
+
+
+def measure_try(config, recipe, train, test, device, rounds):
+    """Seconds per whole epoch for pipeline and post, seconds per training batch for pipeline and floor."""
+    batch = config["batch_size"]
+    on_device = [Split(*(t.to(device) for t in s)) for s in (train, test)]
+    loaders = [
+        torch.utils.data.DataLoader(
+            PostDataset(s, post_transforms(recipe, config["augment"] and s is train)),
+            batch_size=batch,
+            shuffle=s is train,
+        )  # fmt: skip
+        for s in (train, test)
+    ]
+    ready = [(normalise(on_device[0].images[i : i + batch]), on_device[0].labels[i : i + batch])
+             for i in range(0, len(train.labels), batch)]  # fmt: skip
+    batches = len(ready)
+    times = {"pipeline_epoch": [], "post_epoch": [], "pipeline_batch": [], "floor_batch": [], "over_floor": []}
+    for _ in range(rounds):
+        # The floor right after the pipeline's training, so that their ratio sees the same machine load.
+        model, optimizer = fresh_model(config, device, channels_last=True)
+        generator = torch.Generator().manual_seed(config["seed"])
+        augment = build_augmentation(recipe, generator) if config["augment"] else None
+        fit = timed(device, train_one_epoch, model, optimizer, on_device[0], batch, generator, augment)
+        floor_model, floor_optimizer = fresh_model(config, device, channels_last=True)
+        floor = timed(device, floor_steps, floor_model, floor_optimizer, ready)
+        check = timed(device, evaluate, model, on_device[1])
+        times["pipeline_epoch"].append(fit + check)
+        times["pipeline_batch"].append(fit / batches)
+        times["floor_batch"].append(floor / batches)
+        times["over_floor"].append(fit / floor - 1)
+
+        model, optimizer = fresh_model(config, device, channels_last=False)
+        times["post_epoch"].append(timed(device, post_epoch, model, optimizer, *loaders, device))
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
+def floor_steps(model, optimizer, ready):
+    model.train()
+    for images, labels in ready:
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archive", help="cifar-10-python.tar.gz to take real images from (default: random ones)")
+    parser.add_argument("--train-images", type=int, default=10000)
+    parser.add_argument("--test-images", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is printed")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--tries", nargs="*", help="tries of params.yaml to run (default: all)")
+    args = parser.parse_args()
+
+    params = load_params()
+    device = pick_device(args.device)
+    train, test = load_images(args.archive, args.train_images, args.test_images)
+    print(f"machine: {platform.processor() or platform.machine()}, {describe(device)}, torch {torch.__version__}")
+    print(f"data: {'images from ' + args.archive if args.archive else 'random images'}, "
+          f"{len(train.labels)} training + {len(test.labels)} test per epoch, median of {args.rounds} rounds")  # fmt: skip
+    print(f"{'try':<12}{'pipeline img/s':>16}{'post img/s':>12}{'speed-up':>10}"
+          f"{'pipeline ms/batch':>19}{'floor ms/batch':>16}{'over floor':>12}")  # fmt: skip
+    for name in args.tries or params["tries"]:
+        config = resolve_try(params, name)
+        t = measure_try(config, params["augment"], train, test, device, args.rounds)
+        images = len(train.labels)
+        print(f"{name:<12}{images / t['pipeline_epoch']:>16.0f}{images / t['post_epoch']:>12.0f}"
+              f"{t['post_epoch'] / t['pipeline_epoch']:>9.2f}x{1000 * t['pipeline_batch']:>19.1f}"
+              f"{1000 * t['floor_batch']:>16.1f}{100 * t['over_floor']:>+11.1f}%",
+              flush=True)  # fmt: skip
+
+
+def describe(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}"
+    return f"{device.type}, {torch.get_num_threads()} threads"
+
+
+if __name__ == "__main__":
+    main()
