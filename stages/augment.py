@@ -72,25 +72,23 @@ def fixed_point(matrices):
     return torch.from_numpy(np.floor(folded * FIXED_ONE + 0.5).astype(np.int32))
 
 
-def source_coordinates(coefficients, height, width):
-    """Where PIL's nearest-neighbour warp (affine_fixed) reads each output pixel from: (x, y), each (B, H, W).
+def padded_source(coefficients, height, width):
+    """Where PIL's nearest-neighbour warp (affine_fixed) reads each output pixel from.
 
-    PIL steps through the output in 16.16 fixed point and shifts right by 16 (a floor).
-    int32 arithmetic: every term stays far below 2**31 for images this size.
-    Coordinates outside the image are clamped to -1 or the size: the zero border of a padded image.
+    coefficients: (B, 6) from fixed_point. Returns x and y, each (B, H, W), in the coordinates
+    of the image padded with one zero pixel on every side: PIL's source pixel plus one, or
+    the zero border when PIL's source lies outside the image (PIL fills it with zero).
+    PIL steps through the output in 16.16 fixed point and shifts right by 16 (a floor);
+    adding FIXED_ONE before the shift adds the padding's one. int32 arithmetic: every term
+    stays far below 2**31 for images this size.
     """
     batch = len(coefficients)
     a0, a1, a2, a3, a4, a5 = coefficients.view(batch, 6, 1, 1).unbind(dim=1)
     ys = torch.arange(height, device=coefficients.device, dtype=torch.int32).view(1, height, 1)
     xs = torch.arange(width, device=coefficients.device, dtype=torch.int32).view(1, 1, width)
-    x = ((a2 + ys * a1 + xs * a0) >> 16).clamp_(-1, width)
-    y = ((a5 + ys * a4 + xs * a3) >> 16).clamp_(-1, height)
+    x = ((a2 + FIXED_ONE + ys * a1 + xs * a0) >> 16).clamp_(0, width + 1)
+    y = ((a5 + FIXED_ONE + ys * a4 + xs * a3) >> 16).clamp_(0, height + 1)
     return x, y
-
-
-def padded_index(x, y, width):
-    """Flat index into an image padded with one zero pixel on every side."""
-    return (y + 1) * (width + 2) + (x + 1)
 
 
 def warp_coefficients(draw, height, width):
@@ -108,10 +106,10 @@ def geometry_map(coefficients, flip, height, width):
     exactly what applying them one after the other gives, in a single gather.
     """
     batch = coefficients.shape[1]
-    x, y = source_coordinates(coefficients.reshape(2 * batch, 6), height, width)  # both warps in one pass
-    # The flip comes first: the rotation reads the mirrored image (clamped -1 and width swap, too).
-    x[:batch] = torch.where(flip.view(batch, 1, 1), width - 1 - x[:batch], x[:batch])
-    index = padded_index(x, y, width).view(2 * batch, -1)
+    x, y = padded_source(coefficients.reshape(2 * batch, 6), height, width)  # both warps in one pass
+    # The flip comes first: the rotation reads the mirrored image (its zero border stays the border).
+    x[:batch] = torch.where(flip.view(batch, 1, 1), width + 1 - x[:batch], x[:batch])
+    index = (y * (width + 2) + x).view(2 * batch, -1)  # flat, into the padded image
     # The rotated image, padded, still reads zero on its border: index 0 is a corner of the padded source.
     rotated_from = F.pad(index[:batch].view(batch, height, width), (1, 1, 1, 1)).view(batch, -1).long()
     return rotated_from.gather(1, index[batch:].long())
@@ -126,8 +124,10 @@ def luma(images):
     Exact in float32: every product and partial sum is an integer below 2**24.
     """
     batch, channels, height, width = images.shape
-    grey = torch.matmul(LUMA_WEIGHTS.to(images.device), images.view(batch, channels, -1))  # (B, 1, H*W)
-    return grey.add_(0x8000).mul_(1 / FIXED_ONE).floor_().view(batch, 1, height, width)
+    weights = LUMA_WEIGHTS.to(images.device).expand(batch, 1, channels)
+    rounding = torch.full((1, 1, 1), 0x8000, dtype=images.dtype, device=images.device)
+    grey = torch.baddbmm(rounding, weights, images.view(batch, channels, -1))  # (B, 1, H*W)
+    return grey.mul_(1 / FIXED_ONE).floor_().view(batch, 1, height, width)
 
 
 def blend(degenerate, images, factor):
@@ -145,13 +145,17 @@ def color_jitter(images, factors, order):
     images: integer-valued float32 (B, 3, H, W). Each step blends every image with the
     grey image its own adjustment at that step calls for: black, the mean luma, or its luma.
     """
+    per_image = (len(order), 1, 1, 1)
+    is_contrast, is_saturation = (order == CONTRAST).float(), (order == SATURATION).float()  # (B, 3) each
+    step_factors = factors.gather(1, order)  # (B, 3): each step's factor
     for step in range(3):
-        kind = order[:, step].view(-1, 1, 1, 1)
         grey = luma(images)
         mean_grey = torch.floor(grey.mean(dim=(2, 3), keepdim=True) + 0.5)
         # grey where saturation is adjusted, its mean for contrast, black for brightness (exact: all integers)
-        degenerate = torch.addcmul(mean_grey * (kind == CONTRAST), grey, kind == SATURATION)
-        images = blend(degenerate, images, factors.gather(1, order[:, step : step + 1]).squeeze(1))
+        degenerate = torch.addcmul(
+            mean_grey * is_contrast[:, step].view(per_image), grey, is_saturation[:, step].view(per_image)
+        )
+        images = blend(degenerate, images, step_factors[:, step])
     return images
 
 
