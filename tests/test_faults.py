@@ -12,10 +12,15 @@ import tarfile
 import threading
 
 import pytest
+import torch
 
 from stages import download as download_stage
+from stages import train as train_stage
 from stages.data import ArchiveError, load_dataset
 from stages.download import DownloadError, download
+from stages.errors import PipelineError
+from stages.outputs import TryOutputs, outputs_for
+from stages.params import load_params, resolve_try
 from tests.cifar_archive import TOP, batch_files
 from tests.conftest import ROOT, dvc, edit_params, run, tool_env
 
@@ -168,3 +173,17 @@ def test_code_never_imports_an_unrestricted_unpickler():
     for path in (ROOT / "stages").glob("*.py"):
         text = path.read_text()
         assert "pickle.load(" not in text and "pickle.loads(" not in text, path
+
+
+def test_running_out_of_gpu_memory_says_so_and_suggests_a_smaller_batch(tmp_path, monkeypatch, downloaded):
+    # No GPU here: the error a CUDA allocation raises is raised where a training step would raise it.
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_stage, "train_one_epoch", out_of_memory)
+    params = load_params(downloaded / "params.yaml")
+    outputs = TryOutputs(*(tmp_path / path for path in outputs_for("lenet")))
+    dataset = load_dataset(downloaded / "data" / "cifar10")
+    with pytest.raises(PipelineError, match="lenet: out of GPU memory with batch_size 50; set a smaller"):
+        train_stage.train(resolve_try(params, "lenet"), params["augment"], dataset, outputs, "lenet")
+    assert not any(path.exists() for path in outputs)
