@@ -27,7 +27,7 @@ from PIL import Image
 from torch.nn import functional as F
 from torchvision import transforms
 
-from stages.augment import build_augmentation
+from stages.augment import Augmentation
 from stages.data import Split, read_archive_batches
 from stages.download import read_members
 from stages.models import build_model
@@ -134,7 +134,7 @@ def measure_try(config, recipe, train, test, device, rounds):
         # The floor right after the pipeline's training, so that their ratio sees the same machine load.
         model, optimizer = fresh_model(config, device, channels_last=True)
         generator = torch.Generator().manual_seed(config["seed"])
-        augment = build_augmentation(recipe, generator) if config["augment"] else None
+        augment = Augmentation(recipe, generator) if config["augment"] else None
         fit = timed(device, train_one_epoch, model, optimizer, on_device[0], batch, generator, augment)
         floor_model, floor_optimizer = fresh_model(config, device, channels_last=True)
         floor = timed(device, floor_steps, floor_model, floor_optimizer, ready)

@@ -116,6 +116,7 @@ def geometry_map(coefficients, flip, height, width):
 
 
 LUMA_WEIGHTS = torch.tensor([[19595.0, 38470.0, 7471.0]])
+LUMA_ROUNDING = torch.full((1, 1, 1), float(0x8000))
 
 
 def luma(images):
@@ -125,8 +126,7 @@ def luma(images):
     """
     batch, channels, height, width = images.shape
     weights = LUMA_WEIGHTS.to(images.device).expand(batch, 1, channels)
-    rounding = torch.full((1, 1, 1), 0x8000, dtype=images.dtype, device=images.device)
-    grey = torch.baddbmm(rounding, weights, images.view(batch, channels, -1))  # (B, 1, H*W)
+    grey = torch.baddbmm(LUMA_ROUNDING.to(images.device), weights, images.view(batch, channels, -1))  # (B, 1, H*W)
     return grey.mul_(1 / FIXED_ONE).floor_().view(batch, 1, height, width)
 
 
@@ -171,7 +171,7 @@ def apply_draw(images, draw, coefficients=None):
     if coefficients is None:
         coefficients = warp_coefficients(draw, height, width)
     draw, coefficients = Draw(*(t.to(images.device) for t in draw)), coefficients.to(images.device)
-    index = geometry_map(coefficients.int(), draw.flip, height, width)
+    index = geometry_map(coefficients, draw.flip, height, width)
     padded = F.pad(images, (1, 1, 1, 1)).view(batch, channels, -1)  # zero fill, as PIL's
     moved = padded.gather(2, index.unsqueeze(1).expand(-1, channels, -1)).float()
     return color_jitter(moved.view(batch, channels, height, width), draw.factors, draw.order)
@@ -194,14 +194,9 @@ class Augmentation:
         count, _, height, width = images.shape
         if self.draw is None or self.used + count > len(self.draw.angle):
             self.draw = draw_params(max(self.CHUNK, count), self.recipe, self.generator)
-            self.coefficients = warp_coefficients(self.draw, height, width).to(images.device).int()
+            self.coefficients = warp_coefficients(self.draw, height, width).to(images.device)
             self.draw = Draw(*(t.to(images.device) for t in self.draw))
             self.used = 0
         batch = slice(self.used, self.used + count)
         self.used += count
         return apply_draw(images, Draw(*(t[batch] for t in self.draw)), self.coefficients[:, batch])
-
-
-def build_augmentation(recipe, generator):
-    """Returns a function that augments a uint8 batch (B, 3, H, W) with per-image random draws."""
-    return Augmentation(recipe, generator)

@@ -18,7 +18,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from stages.augment import build_augmentation
+from stages.augment import Augmentation
 from stages.data import DATASET_DIR, Dataset, Split, load_dataset
 from stages.errors import PipelineError, exits_cleanly
 from stages.models import build_model, count_parameters
@@ -139,7 +139,7 @@ def train(config, recipe, dataset, outputs, name="try"):
     data = Dataset(*(Split(*(t.to(device) for t in split)) for split in dataset[:2]), dataset.classes)
     model = build_model(config["model"], len(dataset.classes)).to(device, memory_format=torch.channels_last)
     optimizer = build_optimizer(config, model.parameters())
-    augment = build_augmentation(recipe, generator) if config["augment"] else None
+    augment = Augmentation(recipe, generator) if config["augment"] else None
     if config["amp"] and device.type != "cuda":
         print(f"train.amp: mixed precision applies on CUDA only; training in float32 on {device}")
     print(

@@ -8,7 +8,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from stages.augment import apply_draw, build_augmentation, draw_params
+from stages.augment import Augmentation, apply_draw, draw_params
 from stages.params import load_params
 from tests.cifar_archive import learnable_images
 from tests.conftest import ROOT
@@ -108,15 +108,15 @@ def test_draws_follow_torchvisions_distributions():
 
 def test_each_image_gets_its_own_draw():
     image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    augmented = build_augmentation(RECIPE, torch.Generator().manual_seed(0))(image.expand(16, -1, -1, -1))
+    augmented = Augmentation(RECIPE, torch.Generator().manual_seed(0))(image.expand(16, -1, -1, -1))
     assert augmented.shape == (16, 3, 32, 32) and augmented.dtype == torch.float32
     assert torch.equal(augmented, augmented.floor()) and 0 <= augmented.min() and augmented.max() <= 255
     assert len({bytes(a.to(torch.uint8).flatten().tolist()) for a in augmented}) == 16
 
 
 def test_the_same_generator_seed_gives_the_same_batch(images):
-    first = build_augmentation(RECIPE, torch.Generator().manual_seed(5))(images)
-    again = build_augmentation(RECIPE, torch.Generator().manual_seed(5))(images)
+    first = Augmentation(RECIPE, torch.Generator().manual_seed(5))(images)
+    again = Augmentation(RECIPE, torch.Generator().manual_seed(5))(images)
     assert torch.equal(first, again)
 
 
@@ -130,4 +130,4 @@ def test_a_recipe_of_zeros_leaves_images_unchanged(images):
         "contrast": 0,
         "saturation": 0,
     }
-    assert torch.equal(build_augmentation(identity, torch.Generator())(images), images.float())
+    assert torch.equal(Augmentation(identity, torch.Generator())(images), images.float())
