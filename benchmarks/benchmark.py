@@ -4,8 +4,9 @@ For each try in params.yaml, in this one process and alternating round by round,
 on the same images, with the same model, batch size and transforms:
   - pipeline: stages.train's train_one_epoch + evaluate (uint8 tensors in memory,
     batched augmentation, channels_last);
-  - post: torchvision DataLoader over PIL images (ToTensor, Normalize and, for
-    augmented tries, the post's transform chain), the post's training loop;
+  - post: benchmarks/post_loop.py, the post's code: torchvision DataLoader over PIL
+    images (ToTensor, Normalize and, for augmented tries, the post's transform chain),
+    the post's networks as written and its training loop;
   - floor: the bare model step (forward, backward, Adam) on ready float tensors.
 Prints, per try, training images per second of whole epochs (training plus evaluation)
 for both loops and their ratio, and the pipeline's time per batch against the floor's
@@ -23,10 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.nn import functional as F
-from torchvision import transforms
 
+from benchmarks.post_loop import POST_MODELS, post_epoch, post_loaders
 from stages.augment import Augmentation
 from stages.data import Split, read_archive_batches
 from stages.download import read_members
@@ -48,54 +48,6 @@ def load_images(archive, train_count, test_count):
     return split(train, train_count), split(test, test_count)
 
 
-class PostDataset(torch.utils.data.Dataset):
-    """What torchvision's datasets.CIFAR10 hands the DataLoader: a PIL image per item, then the transform."""
-
-    def __init__(self, split, transform):
-        self.images = split.images.permute(0, 2, 3, 1).numpy()  # (N, 32, 32, 3), as CIFAR10 stores them
-        self.labels = split.labels.tolist()
-        self.transform = transform
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, index):
-        return self.transform(Image.fromarray(self.images[index])), self.labels[index]
-
-
-def post_transforms(recipe, augment):
-    chain = [transforms.Resize((32, 32))]
-    if augment:
-        chain += [
-            transforms.RandomHorizontalFlip(recipe["flip_p"]),
-            transforms.RandomRotation(recipe["rotation"]),
-            transforms.RandomAffine(0, shear=recipe["shear"], scale=tuple(recipe["scale"])),
-            transforms.ColorJitter(recipe["brightness"], recipe["contrast"], recipe["saturation"]),
-        ]
-    return transforms.Compose([*chain, transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
-
-
-def post_epoch(model, optimizer, train_loader, val_loader, device):
-    """The post's loop, as written (it skips model.eval(), which costs nothing in time)."""
-    running_loss, running_correct = 0.0, 0.0
-    for inputs, labels in train_loader:
-        inputs, labels = inputs.to(device), labels.to(device)
-        outputs = model(inputs)
-        loss = F.cross_entropy(outputs, labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        _, preds = torch.max(outputs, 1)
-        running_correct += torch.sum(preds == labels.data)
-        running_loss += loss.item()
-    with torch.no_grad():
-        for val_input, val_label in val_loader:
-            val_input, val_label = val_input.to(device), val_label.to(device)
-            val_outputs = model(val_input)
-            running_loss += F.cross_entropy(val_outputs, val_label).item()
-            running_correct += torch.sum(torch.max(val_outputs, 1)[1] == val_label.data)
-
-
 def timed(device, function, *args):
     """Seconds that function(*args) takes, waiting for the GPU's queued work at both ends."""
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
@@ -106,37 +58,36 @@ def timed(device, function, *args):
     return time.perf_counter() - start
 
 
-def fresh_model(config, device, channels_last):
+def fresh_model(config, device):
+    """The pipeline's network and optimizer, as stages.train builds them."""
     torch.manual_seed(config["seed"])
-    model = build_model(config["model"]).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(config["model"]).to(device, memory_format=torch.channels_last)
     return model, build_optimizer(config, model.parameters())
+
+
+def fresh_post_model(config, device):
+    """The post's network as written and its optimizer: Adam(lr) in NCHW."""
+    torch.manual_seed(config["seed"])
+    model = POST_MODELS[config["model"]]().to(device)
+    return model, torch.optim.Adam(model.parameters(), lr=config["lr"])
 
 
 def measure_try(config, recipe, train, test, device, rounds):
     """Seconds per whole epoch for pipeline and post, seconds per training batch for pipeline and floor."""
     batch = config["batch_size"]
     on_device = [Split(*(t.to(device) for t in s)) for s in (train, test)]
-    loaders = [
-        torch.utils.data.DataLoader(
-            PostDataset(s, post_transforms(recipe, config["augment"] and s is train)),
-            batch_size=batch,
-            shuffle=s is train,
-        )  # fmt: skip
-        for s in (train, test)
-    ]
+    loaders = post_loaders(train, test, recipe, config["augment"], batch)
     ready = [(normalise(on_device[0].images[i : i + batch]), on_device[0].labels[i : i + batch])
              for i in range(0, len(train.labels), batch)]  # fmt: skip
     batches = len(ready)
     times = {"pipeline_epoch": [], "post_epoch": [], "pipeline_batch": [], "floor_batch": [], "over_floor": []}
     for _ in range(rounds):
         # The floor right after the pipeline's training, so that their ratio sees the same machine load.
-        model, optimizer = fresh_model(config, device, channels_last=True)
+        model, optimizer = fresh_model(config, device)
         generator = torch.Generator().manual_seed(config["seed"])
         augment = Augmentation(recipe, generator) if config["augment"] else None
         fit = timed(device, train_one_epoch, model, optimizer, on_device[0], batch, generator, augment)
-        floor_model, floor_optimizer = fresh_model(config, device, channels_last=True)
+        floor_model, floor_optimizer = fresh_model(config, device)
         floor = timed(device, floor_steps, floor_model, floor_optimizer, ready)
         check = timed(device, evaluate, model, on_device[1])
         times["pipeline_epoch"].append(fit + check)
@@ -144,7 +95,7 @@ def measure_try(config, recipe, train, test, device, rounds):
         times["floor_batch"].append(floor / batches)
         times["over_floor"].append(fit / floor - 1)
 
-        model, optimizer = fresh_model(config, device, channels_last=False)
+        model, optimizer = fresh_post_model(config, device)
         times["post_epoch"].append(timed(device, post_epoch, model, optimizer, *loaders, device))
     return {key: statistics.median(values) for key, values in times.items()}
 

@@ -1,4 +1,10 @@
-"""The post's two networks, registered by the names params.yaml uses."""
+"""The post's two networks, registered by the names params.yaml uses.
+
+Each convolution is followed by max-pooling, then ReLU: the post applies ReLU first,
+but ReLU keeps the order of values, so both give the same outputs and the same
+gradients bit for bit (tests/test_models.py checks it), and ReLU on the pooled
+map touches a quarter of the values.
+"""
 
 from torch import nn
 from torch.nn import functional as F
@@ -16,8 +22,8 @@ class LeNet(nn.Module):
         self.fc2 = nn.Linear(500, num_classes)
 
     def forward(self, x):  # (B, 3, 32, 32)
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2, 2)  # (B, 20, 14, 14)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2, 2)  # (B, 50, 5, 5)
+        x = F.relu(F.max_pool2d(self.conv1(x), 2, 2))  # (B, 20, 14, 14)
+        x = F.relu(F.max_pool2d(self.conv2(x), 2, 2))  # (B, 50, 5, 5)
         x = x.flatten(1)  # (B, 1250)
         x = self.dropout1(F.relu(self.fc1(x)))  # (B, 500)
         return self.fc2(x)  # (B, 10)
@@ -36,9 +42,9 @@ class LeNet2(nn.Module):
         self.fc2 = nn.Linear(500, num_classes)
 
     def forward(self, x):  # (B, 3, 32, 32)
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2, 2)  # (B, 16, 16, 16)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2, 2)  # (B, 32, 8, 8)
-        x = F.max_pool2d(F.relu(self.conv3(x)), 2, 2)  # (B, 64, 4, 4)
+        x = F.relu(F.max_pool2d(self.conv1(x), 2, 2))  # (B, 16, 16, 16)
+        x = F.relu(F.max_pool2d(self.conv2(x), 2, 2))  # (B, 32, 8, 8)
+        x = F.relu(F.max_pool2d(self.conv3(x), 2, 2))  # (B, 64, 4, 4)
         x = x.flatten(1)  # (B, 1024)
         x = self.dropout1(F.relu(self.fc1(x)))  # (B, 500)
         return self.fc2(x)  # (B, 10)

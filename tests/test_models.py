@@ -2,7 +2,9 @@
 
 import pytest
 import torch
+from torch.nn import functional as F
 
+from benchmarks.post_loop import POST_MODELS
 from stages.models import MODELS, build_model, count_parameters
 
 # Counted by hand from the post's layers: conv weights + biases, then fc weights + biases.
@@ -32,3 +34,22 @@ def test_dropout_is_active_in_training_and_off_in_eval(name):
 def test_an_unknown_model_lists_the_valid_ones():
     with pytest.raises(ValueError, match="unknown model 'vgg'; valid models: lenet, lenet2"):
         build_model("vgg")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_pooling_before_relu_learns_exactly_what_the_posts_order_learns(name):
+    """Outputs and every gradient equal bit for bit, dropout on, ties and negative windows included."""
+    torch.manual_seed(0)
+    ours, post = build_model(name), POST_MODELS[name]()
+    post.load_state_dict(ours.state_dict())
+    # Integer-valued inputs make equal values (ties inside pooling windows) common.
+    images = torch.randint(-2, 3, (16, 3, 32, 32)).float()
+    labels = torch.randint(0, 10, (16,))
+    results = []
+    for model in (ours, post):
+        torch.manual_seed(1)  # the same dropout mask
+        outputs = model(images)
+        F.cross_entropy(outputs, labels).backward()
+        results.append([outputs, *(p.grad for p in model.parameters())])
+    for got, expected in zip(*results, strict=True):
+        assert torch.equal(got, expected)

@@ -1,0 +1,103 @@
+"""The post's training loop, transcribed: its networks as written, its data pipeline, its epoch.
+
+The benchmark times this against the pipeline. Only what the post does goes here,
+bugs that cost no time included (no model.eval(), loss and accuracy summed over batches).
+"""
+
+import torch
+from PIL import Image
+from torch.nn import functional as F
+from torchvision import transforms
+
+from stages.models import LeNet, LeNet2
+
+
+class PostLeNet(LeNet):
+    """LeNet with the post's forward: ReLU before each max-pool, view instead of flatten."""
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.max_pool2d(x, 2, 2)
+        x = F.relu(self.conv2(x))
+        x = F.max_pool2d(x, 2, 2)
+        x = x.view(-1, 5 * 5 * 50)
+        x = F.relu(self.fc1(x))
+        x = self.dropout1(x)
+        return self.fc2(x)
+
+
+class PostLeNet2(LeNet2):
+    """LeNet2 with the post's forward."""
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.max_pool2d(x, 2, 2)
+        x = F.relu(self.conv2(x))
+        x = F.max_pool2d(x, 2, 2)
+        x = F.relu(self.conv3(x))
+        x = F.max_pool2d(x, 2, 2)
+        x = x.view(-1, 4 * 4 * 64)
+        x = F.relu(self.fc1(x))
+        x = self.dropout1(x)
+        return self.fc2(x)
+
+
+POST_MODELS = {"lenet": PostLeNet, "lenet2": PostLeNet2}
+
+
+class PostDataset(torch.utils.data.Dataset):
+    """What torchvision's datasets.CIFAR10 hands the DataLoader: a PIL image per item, then the transform."""
+
+    def __init__(self, split, transform):
+        self.images = split.images.permute(0, 2, 3, 1).numpy()  # (N, 32, 32, 3), as CIFAR10 stores them
+        self.labels = split.labels.tolist()
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return self.transform(Image.fromarray(self.images[index])), self.labels[index]
+
+
+def post_transforms(recipe, augment):
+    chain = [transforms.Resize((32, 32))]
+    if augment:
+        chain += [
+            transforms.RandomHorizontalFlip(recipe["flip_p"]),
+            transforms.RandomRotation(recipe["rotation"]),
+            transforms.RandomAffine(0, shear=recipe["shear"], scale=tuple(recipe["scale"])),
+            transforms.ColorJitter(recipe["brightness"], recipe["contrast"], recipe["saturation"]),
+        ]
+    return transforms.Compose([*chain, transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
+
+
+def post_loaders(train, test, recipe, augment, batch_size):
+    """The post's DataLoaders: shuffled training images, augmented when the try augments."""
+    train_set = PostDataset(train, post_transforms(recipe, augment))
+    test_set = PostDataset(test, post_transforms(recipe, augment=False))
+    return (
+        torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True),
+        torch.utils.data.DataLoader(test_set, batch_size=batch_size, shuffle=False),
+    )
+
+
+def post_epoch(model, optimizer, train_loader, val_loader, device):
+    """One epoch of the post's loop, as written."""
+    running_loss, running_correct = 0.0, 0.0
+    for inputs, labels in train_loader:
+        inputs, labels = inputs.to(device), labels.to(device)
+        outputs = model(inputs)
+        loss = F.cross_entropy(outputs, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        _, preds = torch.max(outputs, 1)
+        running_correct += torch.sum(preds == labels.data)
+        running_loss += loss.item()
+    with torch.no_grad():
+        for val_input, val_label in val_loader:
+            val_input, val_label = val_input.to(device), val_label.to(device)
+            val_outputs = model(val_input)
+            running_loss += F.cross_entropy(val_outputs, val_label).item()
+            running_correct += torch.sum(torch.max(val_outputs, 1)[1] == val_label.data)
