@@ -7,10 +7,12 @@ on the same images, with the same model, batch size and transforms:
   - post: benchmarks/post_loop.py, the post's code: torchvision DataLoader over PIL
     images (ToTensor, Normalize and, for augmented tries, the post's transform chain),
     the post's networks as written and its training loop;
-  - floor: the bare model step (forward, backward, Adam) on ready float tensors.
+  - floor: the pipeline's bare model step (forward, backward, Adam) on ready float
+    tensors, timed right before and right after the pipeline's training.
 Prints, per try, training images per second of whole epochs (training plus evaluation)
 for both loops and their ratio, and the pipeline's time per batch against the floor's
-(each a median over rounds; "over floor" is the median of each round's own ratio).
+(each a median over rounds; "over floor" is the median of each round's own ratio to the
+mean of its two floors). The process keeps freed memory as stages.train does.
 
     python -m benchmarks.benchmark                         # synthetic images
     python -m benchmarks.benchmark --archive cifar-10-python.tar.gz --train-images 10000
@@ -32,7 +34,15 @@ from stages.data import Split, read_archive_batches
 from stages.download import read_members
 from stages.models import build_model
 from stages.params import load_params, resolve_try
-from stages.train import build_optimizer, evaluate, normalise, pick_device, train_one_epoch
+from stages.train import (
+    build_optimizer,
+    evaluate,
+    keep_freed_memory,
+    normalise,
+    on_device,
+    pick_device,
+    train_one_epoch,
+)
 
 
 def load_images(archive, train_count, test_count):
@@ -75,21 +85,24 @@ def fresh_post_model(config, device):
 def measure_try(config, recipe, train, test, device, rounds):
     """Seconds per whole epoch for pipeline and post, seconds per training batch for pipeline and floor."""
     batch = config["batch_size"]
-    on_device = [Split(*(t.to(device) for t in s)) for s in (train, test)]
+    # As stages.train lays them out: channels_last unless augmentation reads them first.
+    train_split = on_device(train, device, channels_last=not config["augment"])
+    test_split = on_device(test, device, channels_last=True)
     loaders = post_loaders(train, test, recipe, config["augment"], batch)
-    ready = [(normalise(on_device[0].images[i : i + batch]), on_device[0].labels[i : i + batch])
+    ready = [(normalise(train_split.images[i : i + batch]), train_split.labels[i : i + batch])
              for i in range(0, len(train.labels), batch)]  # fmt: skip
     batches = len(ready)
     times = {"pipeline_epoch": [], "post_epoch": [], "pipeline_batch": [], "floor_batch": [], "over_floor": []}
     for _ in range(rounds):
-        # The floor right after the pipeline's training, so that their ratio sees the same machine load.
+        # The floor right before and right after the pipeline's training, so that their ratio
+        # sees the same machine load (a shared machine drifts by 10-20% within seconds).
+        floor_before = timed(device, floor_steps, *fresh_model(config, device), ready)
         model, optimizer = fresh_model(config, device)
         generator = torch.Generator().manual_seed(config["seed"])
         augment = Augmentation(recipe, generator) if config["augment"] else None
-        fit = timed(device, train_one_epoch, model, optimizer, on_device[0], batch, generator, augment)
-        floor_model, floor_optimizer = fresh_model(config, device)
-        floor = timed(device, floor_steps, floor_model, floor_optimizer, ready)
-        check = timed(device, evaluate, model, on_device[1])
+        fit = timed(device, train_one_epoch, model, optimizer, train_split, batch, generator, augment)
+        floor = (floor_before + timed(device, floor_steps, *fresh_model(config, device), ready)) / 2
+        check = timed(device, evaluate, model, test_split)
         times["pipeline_epoch"].append(fit + check)
         times["pipeline_batch"].append(fit / batches)
         times["floor_batch"].append(floor / batches)
@@ -121,6 +134,7 @@ def main():
 
     params = load_params()
     device = pick_device(args.device)
+    keep_freed_memory()  # as stages.train does; the post's loop gets it too, which can only flatter the post
     train, test = load_images(args.archive, args.train_images, args.test_images)
     print(f"machine: {platform.processor() or platform.machine()}, {describe(device)}, torch {torch.__version__}")
     source = f"images from {Path(args.archive).name}" if args.archive else "random images"

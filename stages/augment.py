@@ -72,25 +72,6 @@ def fixed_point(matrices):
     return torch.from_numpy(np.floor(folded * FIXED_ONE + 0.5).astype(np.int32))
 
 
-def padded_source(coefficients, height, width):
-    """Where PIL's nearest-neighbour warp (affine_fixed) reads each output pixel from.
-
-    coefficients: (B, 6) from fixed_point. Returns x and y, each (B, H, W), in the coordinates
-    of the image padded with one zero pixel on every side: PIL's source pixel plus one, or
-    the zero border when PIL's source lies outside the image (PIL fills it with zero).
-    PIL steps through the output in 16.16 fixed point and shifts right by 16 (a floor);
-    adding FIXED_ONE before the shift adds the padding's one. int32 arithmetic: every term
-    stays far below 2**31 for images this size.
-    """
-    batch = len(coefficients)
-    a0, a1, a2, a3, a4, a5 = coefficients.view(batch, 6, 1, 1).unbind(dim=1)
-    ys = torch.arange(height, device=coefficients.device, dtype=torch.int32).view(1, height, 1)
-    xs = torch.arange(width, device=coefficients.device, dtype=torch.int32).view(1, 1, width)
-    x = ((a2 + FIXED_ONE + ys * a1 + xs * a0) >> 16).clamp_(0, width + 1)
-    y = ((a5 + FIXED_ONE + ys * a4 + xs * a3) >> 16).clamp_(0, height + 1)
-    return x, y
-
-
 def warp_coefficients(draw, height, width):
     """Fixed-point coefficients (2, B, 6) of each image's rotation, then its shear+scale."""
     angle, scale, shear = (t.double().cpu().numpy() for t in (draw.angle, draw.scale, draw.shear))
@@ -99,82 +80,147 @@ def warp_coefficients(draw, height, width):
     return torch.stack([rotation, shear_scale])
 
 
-def geometry_map(coefficients, flip, height, width):
+def source_coefficients(coefficients, flip, width):
+    """Per-image coefficients (2, B, 6) int32 that give source pixels in the zero-padded image.
+
+    coefficients: (2, B, 6) from fixed_point, the rotation's then the shear+scale's. PIL reads
+    column (a2 + y*a1 + x*a0) >> 16 (a floor); the padding adds FIXED_ONE. A flipped image is
+    read mirrored, at column W + 1 - that in padded coordinates, which is again a floor of a
+    fixed-point line: W + 1 - floor(v / 2**16) = floor(((W + 1) * 2**16 - 1 - v') / 2**16),
+    with v' the line without the padding. So the flip costs nothing per pixel.
+    """
+    padded = coefficients.clone()
+    padded[:, :, [2, 5]] += FIXED_ONE
+    rotation_x = padded[0, :, :3]
+    mirrored = torch.cat([-rotation_x[:, :2], (width + 1) * FIXED_ONE - 1 - coefficients[0, :, 2:3]], dim=1)
+    rotation_x.copy_(torch.where(flip.view(-1, 1), mirrored, rotation_x))
+    return padded
+
+
+OUTSIDE = -(2**28)  # a fixed-point line part far below zero: its source clamps to the padding's corner
+
+
+class WarpLines(NamedTuple):
+    """PIL's fixed-point source lines of each image's two warps, split into a per-row and a per-column part.
+
+    A warp reads output pixel (row, column) from floor((row part + column part) / 2**16),
+    in the coordinates of the source padded with one zero pixel on every side (int32).
+    """
+
+    rotation_rows: torch.Tensor  # (B, 2, H + 2, 1): x and y parts of rows -1..H, the padded grid
+    rotation_columns: torch.Tensor  # (B, 2, 1, W + 2): x and y parts of columns -1..W
+    shear_rows: torch.Tensor  # (B, H, 1): x part
+    shear_columns: torch.Tensor  # (B, 1, W): x part
+    shear_source_rows: torch.Tensor  # (B, H, 1): the padded source row of each output row, times W + 2
+
+
+def warp_lines(coefficients, height, width):
+    """WarpLines from source_coefficients (2, B, 6): the per-image work, done once per draw."""
+    device = coefficients.device
+    rows = torch.arange(-1, height + 1, device=device, dtype=torch.int32).view(1, 1, -1, 1)
+    columns = torch.arange(-1, width + 1, device=device, dtype=torch.int32).view(1, 1, 1, -1)
+    rotation, shear_scale = (c.view(-1, 6, 1, 1) for c in coefficients)
+    rotation_rows = rotation[:, [2, 5]] + rows * rotation[:, [1, 4]]
+    rotation_columns = columns * rotation[:, [0, 3]]
+    # The second warp reads the rotated image's zero border too: there both parts are OUTSIDE,
+    # so the source is the padding's corner, whatever the other part adds.
+    rotation_rows[:, :, [0, -1]] = OUTSIDE
+    rotation_columns[:, :, :, [0, -1]] = OUTSIDE
+    inner_rows, inner_columns = rows[0, :, 1:-1], columns[0, :, :, 1:-1]
+    shear_rows = shear_scale[:, 2] + inner_rows * shear_scale[:, 1]
+    shear_columns = inner_columns * shear_scale[:, 0]
+    # The shear is along x only (coefficient 3 is 0), so the source row depends on the output row alone.
+    source_rows = (shear_scale[:, 5] + inner_rows * shear_scale[:, 4]).bitwise_right_shift_(16).clamp_(0, height + 1)
+    return WarpLines(rotation_rows, rotation_columns, shear_rows, shear_columns, source_rows * (width + 2))
+
+
+def geometry_map(lines, height, width):
     """One index per output pixel into the zero-padded source, for flip, then rotation, then shear+scale.
 
-    Nearest-neighbour warps only move pixels, so chaining their index maps gives
-    exactly what applying them one after the other gives, in a single gather.
+    Source coordinates are clamped into the padded image: a source outside the image reads
+    its zero border, as PIL fills with zero. Nearest-neighbour warps only move pixels, so
+    chaining their index maps gives exactly what applying them one after the other gives,
+    in a single gather.
     """
-    batch = coefficients.shape[1]
-    x, y = padded_source(coefficients.reshape(2 * batch, 6), height, width)  # both warps in one pass
-    # The flip comes first: the rotation reads the mirrored image (its zero border stays the border).
-    x[:batch] = torch.where(flip.view(batch, 1, 1), width + 1 - x[:batch], x[:batch])
-    index = (y * (width + 2) + x).view(2 * batch, -1)  # flat, into the padded image
-    # The rotated image, padded, still reads zero on its border: index 0 is a corner of the padded source.
-    rotated_from = F.pad(index[:batch].view(batch, height, width), (1, 1, 1, 1)).view(batch, -1).long()
-    return rotated_from.gather(1, index[batch:].long())
+    batch = len(lines.shear_rows)
+    x, y = (lines.rotation_rows + lines.rotation_columns).bitwise_right_shift_(16).unbind(dim=1)
+    rotated_from = y.clamp_(0, height + 1).mul_(width + 2).add_(x.clamp_(0, width + 1))  # (B, H + 2, W + 2)
+    x = (lines.shear_rows + lines.shear_columns).bitwise_right_shift_(16).clamp_(0, width + 1)
+    sheared_from = x.add_(lines.shear_source_rows).view(batch, -1)  # flat, into the padded rotated image
+    return rotated_from.reshape(batch, -1).gather(1, sheared_from.long()).long()
 
 
-LUMA_WEIGHTS = torch.tensor([[19595.0, 38470.0, 7471.0]])
-LUMA_ROUNDING = torch.full((1, 1, 1), float(0x8000))
+# PIL's RGB -> L weights, divided by 2**16: exact in float32, as are all products and sums below.
+LUMA_WEIGHTS = torch.tensor([[19595.0, 38470.0, 7471.0]]) / FIXED_ONE
+HALF = torch.full((1, 1, 1), 0.5)
 
 
-def luma(images):
-    """PIL's RGB -> L: (R*19595 + G*38470 + B*7471 + 0x8000) >> 16.
+def luma(flat):
+    """PIL's RGB -> L, (R*19595 + G*38470 + B*7471 + 0x8000) >> 16, of (B, 3, N) -> (B, 1, N).
 
-    Exact in float32: every product and partial sum is an integer below 2**24.
+    Exact in float32: every product and partial sum is a multiple of 2**-16 below 2**8.
     """
-    batch, channels, height, width = images.shape
-    weights = LUMA_WEIGHTS.to(images.device).expand(batch, 1, channels)
-    grey = torch.baddbmm(LUMA_ROUNDING.to(images.device), weights, images.view(batch, channels, -1))  # (B, 1, H*W)
-    return grey.mul_(1 / FIXED_ONE).floor_().view(batch, 1, height, width)
+    weights = LUMA_WEIGHTS.to(flat.device).expand(len(flat), 1, 3)
+    return torch.baddbmm(HALF.to(flat.device), weights, flat).floor_()
 
 
-def blend(degenerate, images, factor):
-    """PIL's Image.blend(degenerate, images, factor) on integer-valued float32.
+def blend_(degenerate, images, factor):
+    """PIL's Image.blend(degenerate, images, factor) on integer-valued float32, in place on images.
 
     PIL computes in float32 and truncates; after clipping to [0, 255] truncation is a floor.
     The multiply and the add stay separate: a fused multiply-add (addcmul) rounds once and
     lands on the other side of an integer for a few pixels in a million.
     """
-    mixed = images - degenerate
-    return mixed.mul_(factor.view(-1, 1, 1, 1)).add_(degenerate).clamp_(0, 255).floor_()
+    return images.sub_(degenerate).mul_(factor).add_(degenerate).clamp_(0, 255).floor_()
 
 
-def color_jitter(images, factors, order):
+def colour_plan(factors, order):
+    """(B, 3, 3) float32: for each image and step, the factor and whether it is contrast or saturation."""
+    return torch.stack([factors.gather(1, order), (order == CONTRAST).float(), (order == SATURATION).float()], dim=2)
+
+
+def color_jitter_(images, plan):
     """ImageEnhance's Brightness, Contrast and Color (saturation), in each image's own order.
 
-    images: integer-valued float32 (B, 3, H, W). Each step blends every image with the
-    grey image its own adjustment at that step calls for: black, the mean luma, or its luma.
+    images: integer-valued float32 (B, 3, H, W), changed in place; plan: (B, 3, 3) from colour_plan. Each step
+    blends every image with the grey image its own adjustment at that step calls for: black,
+    the mean luma, or its luma.
     """
-    per_image = (len(order), 1, 1, 1)
-    is_contrast, is_saturation = (order == CONTRAST).float(), (order == SATURATION).float()  # (B, 3) each
-    step_factors = factors.gather(1, order)  # (B, 3): each step's factor
-    for step in range(3):
-        grey = luma(images)
-        mean_grey = torch.floor(grey.mean(dim=(2, 3), keepdim=True) + 0.5)
+    batch = len(images)
+    flat = images.view(batch, 3, -1)
+    steps = plan.view(batch, 3, 3, 1, 1).unbind(dim=1)
+    for factor, is_contrast, is_saturation in (step.unbind(dim=1) for step in steps):  # each (B, 1, 1)
+        grey = luma(flat)  # (B, 1, N)
+        mean_grey = grey.mean(dim=2, keepdim=True).add_(0.5).floor_()
         # grey where saturation is adjusted, its mean for contrast, black for brightness (exact: all integers)
-        degenerate = torch.addcmul(
-            mean_grey * is_contrast[:, step].view(per_image), grey, is_saturation[:, step].view(per_image)
-        )
-        images = blend(degenerate, images, step_factors[:, step])
-    return images
+        degenerate = torch.addcmul(mean_grey * is_contrast, grey, is_saturation)
+        blend_(degenerate, flat, factor)
+    return flat.view(images.shape)
 
 
-def apply_draw(images, draw, coefficients=None):
-    """The post's recipe with the given parameters on a uint8 batch (B, 3, H, W).
+def augment_pixels(images, lines, plan):
+    """The recipe on a uint8 batch (B, 3, H, W), given its WarpLines and colour_plan.
 
     Returns integer-valued float32 (0-255): training normalises it next, and a
     round trip through uint8 would only cost time.
     """
     batch, channels, height, width = images.shape
-    if coefficients is None:
-        coefficients = warp_coefficients(draw, height, width)
-    draw, coefficients = Draw(*(t.to(images.device) for t in draw)), coefficients.to(images.device)
-    index = geometry_map(coefficients, draw.flip, height, width)
+    index = geometry_map(lines, height, width)
     padded = F.pad(images, (1, 1, 1, 1)).view(batch, channels, -1)  # zero fill, as PIL's
     moved = padded.gather(2, index.unsqueeze(1).expand(-1, channels, -1)).float()
-    return color_jitter(moved.view(batch, channels, height, width), draw.factors, draw.order)
+    return color_jitter_(moved.view(batch, channels, height, width), plan)
+
+
+def prepare(draw, height, width, device):
+    """What augment_pixels needs from a draw, on device: each image's WarpLines and colour plan."""
+    coefficients = source_coefficients(warp_coefficients(draw, height, width), draw.flip, width)
+    return warp_lines(coefficients.to(device), height, width), colour_plan(draw.factors, draw.order).to(device)
+
+
+def apply_draw(images, draw):
+    """The post's recipe with the given parameters on a uint8 batch (B, 3, H, W)."""
+    _, _, height, width = images.shape
+    return augment_pixels(images, *prepare(draw, height, width, images.device))
 
 
 class Augmentation:
@@ -188,15 +234,14 @@ class Augmentation:
 
     def __init__(self, recipe, generator):
         self.recipe, self.generator = recipe, generator
-        self.draw, self.coefficients, self.used = None, None, 0
+        self.lines, self.plan, self.used = None, None, 0
 
     def __call__(self, images):
         count, _, height, width = images.shape
-        if self.draw is None or self.used + count > len(self.draw.angle):
-            self.draw = draw_params(max(self.CHUNK, count), self.recipe, self.generator)
-            self.coefficients = warp_coefficients(self.draw, height, width).to(images.device)
-            self.draw = Draw(*(t.to(images.device) for t in self.draw))
+        if self.plan is None or self.used + count > len(self.plan):
+            draw = draw_params(max(self.CHUNK, count), self.recipe, self.generator)
+            self.lines, self.plan = prepare(draw, height, width, images.device)
             self.used = 0
         batch = slice(self.used, self.used + count)
         self.used += count
-        return apply_draw(images, Draw(*(t[batch] for t in self.draw)), self.coefficients[:, batch])
+        return augment_pixels(images, WarpLines(*(t[batch] for t in self.lines)), self.plan[batch])
