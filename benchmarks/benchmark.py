@@ -72,7 +72,7 @@ def fresh_model(config, device):
     """The pipeline's network and optimizer, as stages.train builds them."""
     torch.manual_seed(config["seed"])
     model = build_model(config["model"]).to(device, memory_format=torch.channels_last)
-    return model, build_optimizer(config, model.parameters())
+    return model, build_optimizer(config, model.parameters(), device)
 
 
 def fresh_post_model(config, device):

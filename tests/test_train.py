@@ -2,13 +2,16 @@
 
 import csv
 import json
+import platform
 
 import pytest
 import torch
+from PIL import Image
+from torchvision import transforms
 
 from stages.data import Dataset, Split, read_archive_batches
 from stages.params import load_params, resolve_try
-from stages.train import evaluate, outputs_for, train
+from stages.train import evaluate, keep_freed_memory, normalise, outputs_for, take, train
 from tests.cifar_archive import batch_files
 from tests.conftest import ROOT
 
@@ -74,3 +77,24 @@ def test_evaluate_counts_every_image_and_switches_dropout_off(dataset):
     assert not model.training
     assert first["loss"] == second["loss"] and torch.equal(first["predictions"], second["predictions"])
     assert len(first["predictions"]) == 300
+
+
+def test_normalise_gives_bit_for_bit_what_totensor_and_normalize_give():
+    every_value = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(2, 3, 16, 16).contiguous()
+    post = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
+    expected = torch.stack([post(Image.fromarray(image.permute(1, 2, 0).numpy())) for image in every_value])
+    for images in (every_value, every_value.float()):  # uint8 batches, and augmented integer-valued floats
+        ours = normalise(images)
+        assert torch.equal(ours, expected) and ours.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_take_selects_images_and_keeps_their_layout(memory_format):
+    images = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8).contiguous(memory_format=memory_format)
+    indices = torch.tensor([7, 0, 49, 7])
+    taken = take(images, indices)
+    assert torch.equal(taken, images[indices]) and taken.is_contiguous(memory_format=memory_format)
+
+
+def test_freed_memory_is_kept_wherever_the_c_library_is_glibc():
+    assert keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
