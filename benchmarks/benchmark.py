@@ -7,12 +7,13 @@ on the same images, with the same model, batch size and transforms:
   - post: benchmarks/post_loop.py, the post's code: torchvision DataLoader over PIL
     images (ToTensor, Normalize and, for augmented tries, the post's transform chain),
     the post's networks as written and its training loop;
-  - floor: the pipeline's bare model step (forward, backward, Adam) on ready float
-    tensors, timed right before and right after the pipeline's training.
+  - floor: the pipeline's bare model step (forward, backward, optimizer) on ready float
+    tensors.
 Prints, per try, training images per second of whole epochs (training plus evaluation)
-for both loops and their ratio, and the pipeline's time per batch against the floor's
-(each a median over rounds; "over floor" is the median of each round's own ratio to the
-mean of its two floors). The process keeps freed memory as stages.train does.
+for both loops and their ratio (medians over rounds), and the pipeline's training time
+per batch against the floor's: slice by slice of the training images, the pipeline's
+training between two floor runs, "over floor" being the median of the slices' ratios.
+The process keeps freed memory as stages.train does.
 
     python -m benchmarks.benchmark                         # synthetic images
     python -m benchmarks.benchmark --archive cifar-10-python.tar.gz --train-images 10000
@@ -58,6 +59,9 @@ def load_images(archive, train_count, test_count):
     return split(train, train_count), split(test, test_count)
 
 
+SLICE_BATCHES = 20  # batches per slice when the pipeline's training is compared with its floor
+
+
 def timed(device, function, *args):
     """Seconds that function(*args) takes, waiting for the GPU's queued work at both ends."""
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
@@ -72,7 +76,7 @@ def fresh_model(config, device):
     """The pipeline's network and optimizer, as stages.train builds them."""
     torch.manual_seed(config["seed"])
     model = build_model(config["model"]).to(device, memory_format=torch.channels_last)
-    return model, build_optimizer(config, model.parameters(), device)
+    return model, build_optimizer(config, model.parameters())
 
 
 def fresh_post_model(config, device):
@@ -83,33 +87,51 @@ def fresh_post_model(config, device):
 
 
 def measure_try(config, recipe, train, test, device, rounds):
-    """Seconds per whole epoch for pipeline and post, seconds per training batch for pipeline and floor."""
+    """Seconds per whole epoch for pipeline and post; per training batch for pipeline and floor."""
     batch = config["batch_size"]
     # As stages.train lays them out: channels_last unless augmentation reads them first.
     train_split = on_device(train, device, channels_last=not config["augment"])
     test_split = on_device(test, device, channels_last=True)
     loaders = post_loaders(train, test, recipe, config["augment"], batch)
-    ready = [(normalise(train_split.images[i : i + batch]), train_split.labels[i : i + batch])
-             for i in range(0, len(train.labels), batch)]  # fmt: skip
-    batches = len(ready)
-    times = {"pipeline_epoch": [], "post_epoch": [], "pipeline_batch": [], "floor_batch": [], "over_floor": []}
+    times = {"pipeline_epoch": [], "post_epoch": []}
     for _ in range(rounds):
-        # The floor right before and right after the pipeline's training, so that their ratio
-        # sees the same machine load (a shared machine drifts by 10-20% within seconds).
-        floor_before = timed(device, floor_steps, *fresh_model(config, device), ready)
         model, optimizer = fresh_model(config, device)
         generator = torch.Generator().manual_seed(config["seed"])
         augment = Augmentation(recipe, generator) if config["augment"] else None
         fit = timed(device, train_one_epoch, model, optimizer, train_split, batch, generator, augment)
-        floor = (floor_before + timed(device, floor_steps, *fresh_model(config, device), ready)) / 2
-        check = timed(device, evaluate, model, test_split)
-        times["pipeline_epoch"].append(fit + check)
-        times["pipeline_batch"].append(fit / batches)
-        times["floor_batch"].append(floor / batches)
-        times["over_floor"].append(fit / floor - 1)
-
+        times["pipeline_epoch"].append(fit + timed(device, evaluate, model, test_split))
         model, optimizer = fresh_post_model(config, device)
         times["post_epoch"].append(timed(device, post_epoch, model, optimizer, *loaders, device))
+    return {key: statistics.median(values) for key, values in times.items()} | measure_floor(
+        config, recipe, train_split, device, rounds
+    )
+
+
+def measure_floor(config, recipe, train_split, device, rounds):
+    """The pipeline's training against its bare model step, slice by slice of SLICE_BATCHES batches.
+
+    Each slice of the training images is trained on by the pipeline between two floor runs
+    on the same slice, so that each ratio sees the same machine load: a shared machine drifts
+    by 10-20% within seconds, more than the difference being measured.
+    """
+    batch = config["batch_size"]
+    size = batch * SLICE_BATCHES
+    slices = [Split(*(t[i : i + size] for t in train_split)) for i in range(0, len(train_split.labels), size)]
+    ready = [[(normalise(s.images[i : i + batch]), s.labels[i : i + batch]) for i in range(0, len(s.labels), batch)]
+             for s in slices]  # fmt: skip
+    model, optimizer = fresh_model(config, device)
+    floor_model, floor_optimizer = fresh_model(config, device)
+    generator = torch.Generator().manual_seed(config["seed"])
+    augment = Augmentation(recipe, generator) if config["augment"] else None
+    times = {"pipeline_batch": [], "floor_batch": [], "over_floor": []}
+    for _ in range(rounds):
+        for part, ready_part in zip(slices, ready, strict=True):
+            before = timed(device, floor_steps, floor_model, floor_optimizer, ready_part)
+            fit = timed(device, train_one_epoch, model, optimizer, part, batch, generator, augment)
+            floor = (before + timed(device, floor_steps, floor_model, floor_optimizer, ready_part)) / 2
+            times["pipeline_batch"].append(fit / len(ready_part))
+            times["floor_batch"].append(floor / len(ready_part))
+            times["over_floor"].append(fit / floor - 1)
     return {key: statistics.median(values) for key, values in times.items()}
 
 

@@ -122,8 +122,8 @@ def warp_lines(coefficients, height, width):
     rotation, shear_scale = (c.view(-1, 6, 1, 1) for c in coefficients)
     rotation_rows = rotation[:, [2, 5]] + rows * rotation[:, [1, 4]]
     rotation_columns = columns * rotation[:, [0, 3]]
-    # The second warp reads the rotated image's zero border too: there both parts are OUTSIDE,
-    # so the source is the padding's corner, whatever the other part adds.
+    # The second warp reads the rotated image's zero border too: there the row or the column part
+    # is OUTSIDE, so the line stays far below zero and its source clamps to the padding's corner.
     rotation_rows[:, :, [0, -1]] = OUTSIDE
     rotation_columns[:, :, :, [0, -1]] = OUTSIDE
     inner_rows, inner_columns = rows[0, :, 1:-1], columns[0, :, :, 1:-1]
