@@ -45,6 +45,8 @@ from stages.train import (
     train_one_epoch,
 )
 
+SLICE_BATCHES = 20  # batches per slice when the pipeline's training is compared with its floor
+
 
 def load_images(archive, train_count, test_count):
     """(train Split, test Split) of uint8 tensors: real images from an archive, else random ones."""
@@ -57,9 +59,6 @@ def load_images(archive, train_count, test_count):
         train, test = make(train_count), make(test_count)
     split = lambda s, n: Split(torch.from_numpy(s.images[:n]).clone(), torch.from_numpy(s.labels[:n]).clone())  # noqa: E731
     return split(train, train_count), split(test, test_count)
-
-
-SLICE_BATCHES = 20  # batches per slice when the pipeline's training is compared with its floor
 
 
 def timed(device, function, *args):
@@ -102,9 +101,8 @@ def measure_try(config, recipe, train, test, device, rounds):
         times["pipeline_epoch"].append(fit + timed(device, evaluate, model, test_split))
         model, optimizer = fresh_post_model(config, device)
         times["post_epoch"].append(timed(device, post_epoch, model, optimizer, *loaders, device))
-    return {key: statistics.median(values) for key, values in times.items()} | measure_floor(
-        config, recipe, train_split, device, rounds
-    )
+    epochs = {key: statistics.median(values) for key, values in times.items()}
+    return epochs | measure_floor(config, recipe, train_split, device, rounds)
 
 
 def measure_floor(config, recipe, train_split, device, rounds):

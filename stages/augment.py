@@ -11,6 +11,7 @@ arithmetic with truncation. torchvision.transforms.v2 would apply one draw to
 the whole batch, which is a different recipe.
 """
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -150,9 +151,11 @@ def geometry_map(lines, height, width):
     return rotated_from.reshape(batch, -1).gather(1, sheared_from.long()).long()
 
 
-# PIL's RGB -> L weights, divided by 2**16: exact in float32, as are all products and sums below.
-LUMA_WEIGHTS = torch.tensor([[19595.0, 38470.0, 7471.0]]) / FIXED_ONE
-HALF = torch.full((1, 1, 1), 0.5)
+@functools.cache
+def luma_constants(device):
+    """PIL's RGB -> L weights divided by 2**16 (1, 1, 3), and its rounding half (1, 1, 1), kept on device."""
+    weights = torch.tensor([[[19595.0, 38470.0, 7471.0]]], device=device) / FIXED_ONE
+    return weights, torch.full((1, 1, 1), 0.5, device=device)
 
 
 def luma(flat):
@@ -160,8 +163,8 @@ def luma(flat):
 
     Exact in float32: every product and partial sum is a multiple of 2**-16 below 2**8.
     """
-    weights = LUMA_WEIGHTS.to(flat.device).expand(len(flat), 1, 3)
-    return torch.baddbmm(HALF.to(flat.device), weights, flat).floor_()
+    weights, half = luma_constants(flat.device)
+    return torch.baddbmm(half, weights.expand(len(flat), 1, 3), flat).floor_()
 
 
 def blend_(degenerate, images, factor):

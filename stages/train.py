@@ -52,8 +52,8 @@ def keep_freed_memory():
 
     Every batch allocates the same few megabytes of tensors. By default glibc returns large
     freed blocks to the system, and the next batch pays a page fault for every 4 KiB page it
-    touches again: half the time of the augmentation. Returns whether the C library took it
-    (it is not glibc on macOS or Windows, where nothing changes).
+    touches again: a quarter to half of the augmentation's time. Returns whether the C library
+    took it (it is not glibc on macOS or Windows, where nothing changes).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
