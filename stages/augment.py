@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 BRIGHTNESS, CONTRAST, SATURATION = 0, 1, 2
 FIXED_ONE = 65536  # PIL's 16.16 fixed point
+BLOCK = 500  # images per step when a chunk's geometry maps are computed
 
 
 class Draw(NamedTuple):
@@ -116,7 +117,7 @@ class WarpLines(NamedTuple):
 
 
 def warp_lines(coefficients, height, width):
-    """WarpLines from source_coefficients (2, B, 6): the per-image work, done once per draw."""
+    """WarpLines from source_coefficients (2, B, 6)."""
     device = coefficients.device
     rows = torch.arange(-1, height + 1, device=device, dtype=torch.int32).view(1, 1, -1, 1)
     columns = torch.arange(-1, width + 1, device=device, dtype=torch.int32).view(1, 1, 1, -1)
@@ -136,7 +137,7 @@ def warp_lines(coefficients, height, width):
 
 
 def geometry_map(lines, height, width):
-    """One index per output pixel into the zero-padded source, for flip, then rotation, then shear+scale.
+    """One index per output pixel (B, H * W) int32 into the zero-padded source: flip, rotation, shear+scale.
 
     Source coordinates are clamped into the padded image: a source outside the image reads
     its zero border, as PIL fills with zero. Nearest-neighbour warps only move pixels, so
@@ -148,7 +149,7 @@ def geometry_map(lines, height, width):
     rotated_from = y.clamp_(0, height + 1).mul_(width + 2).add_(x.clamp_(0, width + 1))  # (B, H + 2, W + 2)
     x = (lines.shear_rows + lines.shear_columns).bitwise_right_shift_(16).clamp_(0, width + 1)
     sheared_from = x.add_(lines.shear_source_rows).view(batch, -1)  # flat, into the padded rotated image
-    return rotated_from.reshape(batch, -1).gather(1, sheared_from.long()).long()
+    return rotated_from.reshape(batch, -1).gather(1, sheared_from.long())
 
 
 @functools.cache
@@ -194,30 +195,45 @@ def color_jitter_(images, plan):
     steps = plan.view(batch, 3, 3, 1, 1).unbind(dim=1)
     for factor, is_contrast, is_saturation in (step.unbind(dim=1) for step in steps):  # each (B, 1, 1)
         grey = luma(flat)  # (B, 1, N)
-        mean_grey = grey.mean(dim=2, keepdim=True).add_(0.5).floor_()
-        # grey where saturation is adjusted, its mean for contrast, black for brightness (exact: all integers)
-        degenerate = torch.addcmul(mean_grey * is_contrast, grey, is_saturation)
+        mean_grey = grey.mean(dim=2, keepdim=True).add_(0.5).floor_().mul_(is_contrast)
+        # grey where saturation is adjusted, its mean for contrast, black for brightness (exact: all integers);
+        # in place: a broadcasting addcmul takes twice as long
+        degenerate = grey.mul_(is_saturation).add_(mean_grey)
         blend_(degenerate, flat, factor)
     return flat.view(images.shape)
 
 
-def augment_pixels(images, lines, plan):
-    """The recipe on a uint8 batch (B, 3, H, W), given its WarpLines and colour_plan.
+def augment_pixels(images, index, plan):
+    """The recipe on a uint8 batch (B, 3, H, W), given its geometry_map (B, H * W) and colour_plan.
 
     Returns integer-valued float32 (0-255): training normalises it next, and a
     round trip through uint8 would only cost time.
     """
     batch, channels, height, width = images.shape
-    index = geometry_map(lines, height, width)
     padded = F.pad(images, (1, 1, 1, 1)).view(batch, channels, -1)  # zero fill, as PIL's
-    moved = padded.gather(2, index.unsqueeze(1).expand(-1, channels, -1)).float()
+    moved = padded.gather(2, index.long().unsqueeze(1).expand(-1, channels, -1)).float()
     return color_jitter_(moved.view(batch, channels, height, width), plan)
 
 
+def geometry_maps(coefficients, height, width):
+    """geometry_map of every image of source_coefficients (2, B, 6), in the smallest integer type that holds it.
+
+    Done BLOCK images at a time: in one piece, a chunk's intermediates take about 100 MB
+    and the work runs several times slower.
+    """
+    count = coefficients.shape[1]
+    dtype = torch.int16 if (height + 2) * (width + 2) <= torch.iinfo(torch.int16).max else torch.int32
+    maps = torch.empty(count, height * width, dtype=dtype, device=coefficients.device)
+    for start in range(0, count, BLOCK):
+        lines = warp_lines(coefficients[:, start : start + BLOCK], height, width)
+        maps[start : start + BLOCK] = geometry_map(lines, height, width)
+    return maps
+
+
 def prepare(draw, height, width, device):
-    """What augment_pixels needs from a draw, on device: each image's WarpLines and colour plan."""
+    """What augment_pixels needs from a draw, on device: each image's geometry_map and colour plan."""
     coefficients = source_coefficients(warp_coefficients(draw, height, width), draw.flip, width)
-    return warp_lines(coefficients.to(device), height, width), colour_plan(draw.factors, draw.order).to(device)
+    return geometry_maps(coefficients.to(device), height, width), colour_plan(draw.factors, draw.order).to(device)
 
 
 def apply_draw(images, draw):
@@ -229,22 +245,23 @@ def apply_draw(images, draw):
 class Augmentation:
     """Augments uint8 batches with fresh per-image draws from a CPU generator, so runs repeat on any device.
 
-    Parameters are drawn CHUNK images at a time: the per-draw work is vectorised and
-    moved to the device once, leaving each batch only the pixel work.
+    Parameters are drawn CHUNK images at a time and their geometry maps computed then (an
+    int16 per pixel: 20 MB for CIFAR-10's 32x32 images): the per-draw work runs in a few large
+    steps and moves to the device once, leaving each batch only the pixel work.
     """
 
     CHUNK = 10_000
 
     def __init__(self, recipe, generator):
         self.recipe, self.generator = recipe, generator
-        self.lines, self.plan, self.used = None, None, 0
+        self.maps, self.plan, self.used = None, None, 0
 
     def __call__(self, images):
         count, _, height, width = images.shape
         if self.plan is None or self.used + count > len(self.plan):
             draw = draw_params(max(self.CHUNK, count), self.recipe, self.generator)
-            self.lines, self.plan = prepare(draw, height, width, images.device)
+            self.maps, self.plan = prepare(draw, height, width, images.device)
             self.used = 0
         batch = slice(self.used, self.used + count)
         self.used += count
-        return augment_pixels(images, WarpLines(*(t[batch] for t in self.lines)), self.plan[batch])
+        return augment_pixels(images, self.maps[batch], self.plan[batch])

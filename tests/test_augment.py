@@ -8,7 +8,8 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from stages.augment import Augmentation, apply_draw, draw_params
+from stages import augment
+from stages.augment import Augmentation, Draw, apply_draw, draw_params
 from stages.params import load_params
 from tests.cifar_archive import learnable_images
 from tests.conftest import ROOT
@@ -131,3 +132,18 @@ def test_a_recipe_of_zeros_leaves_images_unchanged(images):
         "saturation": 0,
     }
     assert torch.equal(Augmentation(identity, torch.Generator())(images), images.float())
+
+
+def test_batches_across_chunks_and_blocks_get_the_pixels_of_their_own_draws(images, monkeypatch):
+    batches = [images[start : start + 20] for start in (0, 20, 40)]  # the third needs a second chunk
+    monkeypatch.setattr(Augmentation, "CHUNK", 50)
+    with monkeypatch.context() as small_blocks:
+        small_blocks.setattr(augment, "BLOCK", 7)  # a chunk's maps are computed in 8 blocks, the last one short
+        augmentation = Augmentation(RECIPE, torch.Generator().manual_seed(4))
+        ours = [augmentation(batch) for batch in batches]
+    generator = torch.Generator().manual_seed(4)
+    first, second = draw_params(50, RECIPE, generator), draw_params(50, RECIPE, generator)
+    part = lambda draw, start: Draw(*(t[start : start + 20] for t in draw))  # noqa: E731
+    expected = [apply_draw(batches[0], part(first, 0)), apply_draw(batches[1], part(first, 20)),
+                apply_draw(batches[2], part(second, 0))]  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(ours, expected, strict=True))
