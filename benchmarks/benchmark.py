@@ -12,7 +12,7 @@ on the same images, with the same model, batch size and transforms:
 Prints, per try, training images per second of whole epochs (training plus evaluation)
 for both loops and their ratio (medians over rounds), and the pipeline's training time
 per batch against the floor's: slice by slice of the training images, the pipeline's
-training between two floor runs, "over floor" being the median of the slices' ratios.
+training between two floor runs, "over floor" comparing their totals over all rounds.
 The process keeps freed memory as stages.train does.
 
     python -m benchmarks.benchmark                         # synthetic images
@@ -109,8 +109,10 @@ def measure_floor(config, recipe, train_split, device, rounds):
     """The pipeline's training against its bare model step, slice by slice of SLICE_BATCHES batches.
 
     Each slice of the training images is trained on by the pipeline between two floor runs
-    on the same slice, so that each ratio sees the same machine load: a shared machine drifts
-    by 10-20% within seconds, more than the difference being measured.
+    on the same slice, so that both see the same machine load: a shared machine drifts by
+    10-20% within seconds, more than the difference being measured. The totals over every
+    slice of every round are compared, so that work done once per many batches (drawing a
+    chunk of augmentation parameters) counts as often as it does in training.
     """
     batch = config["batch_size"]
     size = batch * SLICE_BATCHES
@@ -121,16 +123,14 @@ def measure_floor(config, recipe, train_split, device, rounds):
     floor_model, floor_optimizer = fresh_model(config, device)
     generator = torch.Generator().manual_seed(config["seed"])
     augment = Augmentation(recipe, generator) if config["augment"] else None
-    times = {"pipeline_batch": [], "floor_batch": [], "over_floor": []}
+    pipeline = floor = 0.0
     for _ in range(rounds):
         for part, ready_part in zip(slices, ready, strict=True):
             before = timed(device, floor_steps, floor_model, floor_optimizer, ready_part)
-            fit = timed(device, train_one_epoch, model, optimizer, part, batch, generator, augment)
-            floor = (before + timed(device, floor_steps, floor_model, floor_optimizer, ready_part)) / 2
-            times["pipeline_batch"].append(fit / len(ready_part))
-            times["floor_batch"].append(floor / len(ready_part))
-            times["over_floor"].append(fit / floor - 1)
-    return {key: statistics.median(values) for key, values in times.items()}
+            pipeline += timed(device, train_one_epoch, model, optimizer, part, batch, generator, augment)
+            floor += (before + timed(device, floor_steps, floor_model, floor_optimizer, ready_part)) / 2
+    batches = rounds * sum(len(r) for r in ready)
+    return {"pipeline_batch": pipeline / batches, "floor_batch": floor / batches, "over_floor": pipeline / floor - 1}
 
 
 def floor_steps(model, optimizer, ready):

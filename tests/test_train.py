@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import platform
 
 import pytest
@@ -9,9 +10,19 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from stages import train as train_module
 from stages.data import Dataset, Split, read_archive_batches
 from stages.params import load_params, resolve_try
-from stages.train import evaluate, keep_freed_memory, normalise, outputs_for, take, train
+from stages.train import (
+    NonFiniteLoss,
+    evaluate,
+    keep_freed_memory,
+    normalise,
+    outputs_for,
+    raise_if_not_finite,
+    take,
+    train,
+)
 from tests.cifar_archive import batch_files
 from tests.conftest import ROOT
 
@@ -28,6 +39,10 @@ def dataset():
 @pytest.fixture(scope="module")
 def params():
     return load_params(ROOT / "params.yaml")
+
+
+def without_time(metrics):
+    return {key: value for key, value in metrics.items() if key != "seconds"}
 
 
 def run_try(params, dataset, directory, name, **overrides):
@@ -61,10 +76,28 @@ def test_same_seed_gives_identical_results_and_another_seed_does_not(tmp_path, p
     first, first_out = run_try(params, dataset, tmp_path / "a", "lenet2_aug")
     again, again_out = run_try(params, dataset, tmp_path / "b", "lenet2_aug")
     other, _ = run_try(params, dataset, tmp_path / "c", "lenet2_aug", seed=1)
-    drop_time = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # noqa: E731
-    assert drop_time(first) == drop_time(again) and drop_time(first) != drop_time(other)
-    weights = [torch.load(o.model, weights_only=True)["state_dict"] for o in (first_out, again_out)]
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert without_time(first) == without_time(again) and without_time(first) != without_time(other)
+    assert same_weights(first_out, again_out)
+
+
+def same_weights(*outputs):
+    first, second = (torch.load(o.model, weights_only=True)["state_dict"] for o in outputs)
+    return all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_preparing_batches_ahead_changes_nothing(tmp_path, params, dataset, monkeypatch):
+    ahead, ahead_out = run_try(params, dataset, tmp_path / "ahead", "lenet2_aug")  # 16 batches: 10, then 6
+    monkeypatch.setattr(train_module, "AHEAD", 1)
+    one_by_one, one_by_one_out = run_try(params, dataset, tmp_path / "one", "lenet2_aug")
+    assert without_time(ahead) == without_time(one_by_one) and same_weights(ahead_out, one_by_one_out)
+
+
+def test_a_non_finite_loss_is_reported_at_its_own_batch():
+    losses = [torch.tensor(1.0)] * 7 + [torch.tensor(math.nan)] + [torch.tensor(math.inf)] * 3
+    raise_if_not_finite(losses[:7], start=0)  # all finite: nothing to say
+    with pytest.raises(NonFiniteLoss) as raised:
+        raise_if_not_finite(losses, start=5)
+    assert raised.value.batch == 8 and math.isnan(raised.value.value)
 
 
 def test_evaluate_counts_every_image_and_switches_dropout_off(dataset):
