@@ -112,6 +112,17 @@ def test_evaluate_counts_every_image_and_switches_dropout_off(dataset):
     assert len(first["predictions"]) == 300
 
 
+def test_evaluation_does_not_depend_on_how_it_is_batched(dataset, monkeypatch):
+    torch.manual_seed(0)
+    from stages.models import build_model
+
+    model = build_model("lenet2").to(memory_format=torch.channels_last)
+    whole = evaluate(model, dataset.test)  # 300 images: one batch
+    monkeypatch.setattr(train_module, "EVAL_BATCH", 7)
+    pieces = evaluate(model, dataset.test)
+    assert whole["loss"] == pieces["loss"] and torch.equal(whole["predictions"], pieces["predictions"])
+
+
 def test_normalise_gives_bit_for_bit_what_totensor_and_normalize_give():
     every_value = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(2, 3, 16, 16).contiguous()
     post = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
