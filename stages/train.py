@@ -54,10 +54,11 @@ def pick_device(name):
 def keep_freed_memory():
     """Asks glibc to keep freed memory for the next batch instead of handing it back to the system.
 
-    Every batch allocates the same few megabytes of tensors. By default glibc returns large
-    freed blocks to the system, and the next batch pays a page fault for every 4 KiB page it
-    touches again: a quarter to half of the augmentation's time. Returns whether the C library
-    took it (it is not glibc on macOS or Windows, where nothing changes).
+    Every batch allocates the same few megabytes of tensors. By default glibc may return large
+    freed blocks to the system, and the next batch then pays a page fault for every 4 KiB page
+    it touches again (measured: up to 58,000 faults and 15% of the time of one evaluation of
+    10,000 images). Returns whether the C library took it (it is not glibc on macOS or Windows,
+    where nothing changes).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
