@@ -27,10 +27,11 @@ from stages.outputs import atomic_path, outputs_for, write_csv, write_json
 from stages.params import load_params, resolve_try
 
 MEAN, STD = 0.5, 0.5  # the post's Normalize((0.5,)*3, (0.5,)*3)
-EVAL_BATCH = 500  # images per evaluation batch; on a CPU, 1,000 already runs twice as slow per image
+EVAL_BATCH = 500  # images per evaluation batch; on a CPU, 1,000 ran up to twice as slow per image
 # Batches prepared back to back (taken, augmented, normalised; 12 MB at batch 100): a model step
 # between two of them pushes the augmentation's code and data out of the CPU's caches, which
-# cost about 0.3 ms a batch to bring back. More than this and the ready batches push out the model's.
+# cost about 0.3 ms a batch to bring back. 20 and 50 measured slower: the ready batches then
+# push out the model's data instead.
 AHEAD = 10
 CHECK_EVERY = 50  # batches between looks at the loss: each costs a few small ops, and on a GPU a wait for it
 HISTORY_HEADER = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
