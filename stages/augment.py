@@ -92,7 +92,7 @@ def source_coefficients(coefficients, flip, width):
     with v' the line without the padding. So the flip costs nothing per pixel.
     """
     padded = coefficients.clone()
-    padded[:, :, [2, 5]] += FIXED_ONE
+    padded[:, :, 2::3] += FIXED_ONE  # the x and y offsets, coefficients 2 and 5
     rotation_x = padded[0, :, :3]
     mirrored = torch.cat([-rotation_x[:, :2], (width + 1) * FIXED_ONE - 1 - coefficients[0, :, 2:3]], dim=1)
     rotation_x.copy_(torch.where(flip.view(-1, 1), mirrored, rotation_x))
@@ -122,12 +122,13 @@ def warp_lines(coefficients, height, width):
     rows = torch.arange(-1, height + 1, device=device, dtype=torch.int32).view(1, 1, -1, 1)
     columns = torch.arange(-1, width + 1, device=device, dtype=torch.int32).view(1, 1, 1, -1)
     rotation, shear_scale = (c.view(-1, 6, 1, 1) for c in coefficients)
-    rotation_rows = rotation[:, [2, 5]] + rows * rotation[:, [1, 4]]
-    rotation_columns = columns * rotation[:, [0, 3]]
+    # Strided slices, not index lists: on a GPU each list would be copied there, waiting for it.
+    rotation_rows = rotation[:, 2::3] + rows * rotation[:, 1::3]  # coefficients 2 and 5, times 1 and 4
+    rotation_columns = columns * rotation[:, 0::3]  # coefficients 0 and 3
     # The second warp reads the rotated image's zero border too: there the row or the column part
     # is OUTSIDE, so the line stays far below zero and its source clamps to the padding's corner.
-    rotation_rows[:, :, [0, -1]] = OUTSIDE
-    rotation_columns[:, :, :, [0, -1]] = OUTSIDE
+    rotation_rows[:, :, 0] = rotation_rows[:, :, -1] = OUTSIDE
+    rotation_columns[..., 0] = rotation_columns[..., -1] = OUTSIDE
     inner_rows, inner_columns = rows[0, :, 1:-1], columns[0, :, :, 1:-1]
     shear_rows = shear_scale[:, 2] + inner_rows * shear_scale[:, 1]
     shear_columns = inner_columns * shear_scale[:, 0]

@@ -28,10 +28,8 @@ from stages.params import load_params, resolve_try
 
 MEAN, STD = 0.5, 0.5  # the post's Normalize((0.5,)*3, (0.5,)*3)
 EVAL_BATCH = 500  # images per evaluation batch; on a CPU, 1,000 ran up to twice as slow per image
-# Batches prepared back to back (taken, augmented, normalised; 12 MB at batch 100): a model step
-# between two of them pushes the augmentation's code and data out of the CPU's caches, which
-# cost about 0.3 ms a batch to bring back. 20 and 50 measured slower: the ready batches then
-# push out the model's data instead.
+# Batches prepared back to back: after a model step the augmentation's code and data are out of the
+# CPU's caches (~0.3 ms a batch to bring back). 20 and 50 measured slower: 12 MB of ready batches is enough.
 AHEAD = 10
 CHECK_EVERY = 50  # batches between looks at the loss: each costs a few small ops, and on a GPU a wait for it
 HISTORY_HEADER = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
@@ -123,7 +121,7 @@ class NonFiniteLoss(Exception):
 def train_one_epoch(model, optimizer, split, batch_size, generator, augment=None, amp=False, desc="train"):
     """One pass over split in a seeded random order; returns mean loss and accuracy (%) over images.
 
-    Raises NonFiniteLoss, naming the first batch whose loss is nan or infinite, at most CHECK_EVERY
+    Raises NonFiniteLoss, naming the first batch whose loss is nan or infinite, fewer than CHECK_EVERY
     batches after it.
     """
     model.train()
@@ -173,7 +171,7 @@ def evaluate(model, split, amp=False):
     """Loss and accuracy (%) over every image of split, in eval mode (dropout off)."""
     model.eval()
     device = split.images.device
-    losses, predictions = [], []  # per image, so that the total does not depend on EVAL_BATCH
+    losses, predictions = [], []  # per image, so that the sum does not depend on how images are batched
     for start in range(0, len(split.labels), EVAL_BATCH):
         images = split.images[start : start + EVAL_BATCH]
         labels = split.labels[start : start + EVAL_BATCH]

@@ -147,3 +147,21 @@ def test_batches_across_chunks_and_blocks_get_the_pixels_of_their_own_draws(imag
     expected = [apply_draw(batches[0], part(first, 0)), apply_draw(batches[1], part(first, 20)),
                 apply_draw(batches[2], part(second, 0))]  # fmt: skip
     assert all(torch.equal(a, b) for a, b in zip(ours, expected, strict=True))
+
+
+def test_a_batch_larger_than_a_chunk_gets_its_own_draw_and_the_next_a_fresh_one(images, monkeypatch):
+    monkeypatch.setattr(Augmentation, "CHUNK", 50)
+    augmentation = Augmentation(RECIPE, torch.Generator().manual_seed(6))
+    ours = augmentation(images[:60]), augmentation(images[60:80])
+    generator = torch.Generator().manual_seed(6)
+    first, second = draw_params(60, RECIPE, generator), draw_params(50, RECIPE, generator)
+    expected = apply_draw(images[:60], first), apply_draw(images[60:80], Draw(*(t[:20] for t in second)))
+    assert all(torch.equal(a, b) for a, b in zip(ours, expected, strict=True))
+
+
+def test_images_too_large_for_16_bit_maps_still_match_pil():
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (1, 3, 190, 190), dtype=torch.uint8, generator=generator)  # 192 * 192 > 2**15
+    draw = no_colour(draw_params(1, RECIPE, generator))
+    same_pixels = (apply_draw(image, draw)[0] == with_pil(image[0], draw, 0, colour=False)).all(dim=0)
+    assert same_pixels.float().mean().item() >= 0.999

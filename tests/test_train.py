@@ -12,6 +12,7 @@ from torchvision import transforms
 
 from stages import train as train_module
 from stages.data import Dataset, Split, read_archive_batches
+from stages.models import build_model
 from stages.params import load_params, resolve_try
 from stages.train import (
     NonFiniteLoss,
@@ -22,6 +23,7 @@ from stages.train import (
     raise_if_not_finite,
     take,
     train,
+    train_one_epoch,
 )
 from tests.cifar_archive import batch_files
 from tests.conftest import ROOT
@@ -102,8 +104,6 @@ def test_a_non_finite_loss_is_reported_at_its_own_batch():
 
 def test_evaluate_counts_every_image_and_switches_dropout_off(dataset):
     torch.manual_seed(0)
-    from stages.models import build_model
-
     model = build_model("lenet")
     model.train()
     first, second = evaluate(model, dataset.test), evaluate(model, dataset.test)
@@ -112,15 +112,39 @@ def test_evaluate_counts_every_image_and_switches_dropout_off(dataset):
     assert len(first["predictions"]) == 300
 
 
-def test_evaluation_does_not_depend_on_how_it_is_batched(dataset, monkeypatch):
-    torch.manual_seed(0)
-    from stages.models import build_model
+class FirstPixels(torch.nn.Module):
+    """Ten logits per image that are its first ten input values, whatever the batch: exact by construction."""
 
-    model = build_model("lenet2").to(memory_format=torch.channels_last)
-    whole = evaluate(model, dataset.test)  # 300 images: one batch
-    monkeypatch.setattr(train_module, "EVAL_BATCH", 7)
-    pieces = evaluate(model, dataset.test)
+    def forward(self, images):
+        return images.flatten(1)[:, :10] * 3
+
+
+def test_evaluations_loss_does_not_depend_on_how_images_are_batched(dataset, monkeypatch):
+    whole = evaluate(FirstPixels(), dataset.test)  # 300 images: one batch
+    monkeypatch.setattr(train_module, "EVAL_BATCH", 1)  # summed batch by batch, the total would differ here
+    pieces = evaluate(FirstPixels(), dataset.test)
     assert whole["loss"] == pieces["loss"] and torch.equal(whole["predictions"], pieces["predictions"])
+
+
+class NanFrom(torch.nn.Module):
+    """A model whose loss becomes nan at a given batch (counted from 1) and stays so."""
+
+    def __init__(self, batch):
+        super().__init__()
+        self.weight, self.calls, self.batch = torch.nn.Parameter(torch.ones(10)), 0, batch
+
+    def forward(self, images):
+        self.calls += 1
+        logits = images.flatten(1)[:, :10] * self.weight
+        return logits * math.nan if self.calls >= self.batch else logits
+
+
+def test_training_names_the_first_batch_whose_loss_is_not_finite(dataset, monkeypatch):
+    monkeypatch.setattr(train_module, "CHECK_EVERY", 3)  # 7 batches: looks after 3, 6 and 7
+    model = NanFrom(batch=5)
+    with pytest.raises(NonFiniteLoss) as raised:
+        train_one_epoch(model, torch.optim.SGD(model.parameters()), dataset.test, 43, torch.Generator())
+    assert raised.value.batch == 5 and model.calls == 6
 
 
 def test_normalise_gives_bit_for_bit_what_totensor_and_normalize_give():
