@@ -102,55 +102,45 @@ def source_coefficients(coefficients, flip, width):
 OUTSIDE = -(2**28)  # a fixed-point line part far below zero: its source clamps to the padding's corner
 
 
-class WarpLines(NamedTuple):
-    """PIL's fixed-point source lines of each image's two warps, split into a per-row and a per-column part.
+def rotated_sources(rotation, height, width):
+    """Flat index into the zero-padded source of each pixel of the rotated image, padded too (B, H + 2, W + 2).
 
-    A warp reads output pixel (row, column) from floor((row part + column part) / 2**16),
-    in the coordinates of the source padded with one zero pixel on every side (int32).
+    rotation: (B, 6) from source_coefficients. PIL reads pixel (row, column) from
+    floor((row part + column part) / 2**16), each part a fixed-point line in int32.
     """
-
-    rotation_rows: torch.Tensor  # (B, 2, H + 2, 1): x and y parts of rows -1..H, the padded grid
-    rotation_columns: torch.Tensor  # (B, 2, 1, W + 2): x and y parts of columns -1..W
-    shear_rows: torch.Tensor  # (B, H, 1): x part
-    shear_columns: torch.Tensor  # (B, 1, W): x part
-    shear_source_rows: torch.Tensor  # (B, H, 1): the padded source row of each output row, times W + 2
-
-
-def warp_lines(coefficients, height, width):
-    """WarpLines from source_coefficients (2, B, 6)."""
-    device = coefficients.device
+    device = rotation.device
     rows = torch.arange(-1, height + 1, device=device, dtype=torch.int32).view(1, 1, -1, 1)
     columns = torch.arange(-1, width + 1, device=device, dtype=torch.int32).view(1, 1, 1, -1)
-    rotation, shear_scale = (c.view(-1, 6, 1, 1) for c in coefficients)
+    rotation = rotation.view(-1, 6, 1, 1)
     # Strided slices, not index lists: on a GPU each list would be copied there, waiting for it.
-    rotation_rows = rotation[:, 2::3] + rows * rotation[:, 1::3]  # coefficients 2 and 5, times 1 and 4
-    rotation_columns = columns * rotation[:, 0::3]  # coefficients 0 and 3
-    # The second warp reads the rotated image's zero border too: there the row or the column part
+    row_parts = rotation[:, 2::3] + rows * rotation[:, 1::3]  # (B, 2, H + 2, 1): x and y
+    column_parts = columns * rotation[:, 0::3]  # (B, 2, 1, W + 2)
+    # The shear reads the rotated image's zero border too: there the row or the column part
     # is OUTSIDE, so the line stays far below zero and its source clamps to the padding's corner.
-    rotation_rows[:, :, 0] = rotation_rows[:, :, -1] = OUTSIDE
-    rotation_columns[..., 0] = rotation_columns[..., -1] = OUTSIDE
-    inner_rows, inner_columns = rows[0, :, 1:-1], columns[0, :, :, 1:-1]
-    shear_rows = shear_scale[:, 2] + inner_rows * shear_scale[:, 1]
-    shear_columns = inner_columns * shear_scale[:, 0]
-    # The shear is along x only (coefficient 3 is 0), so the source row depends on the output row alone.
-    source_rows = (shear_scale[:, 5] + inner_rows * shear_scale[:, 4]).bitwise_right_shift_(16).clamp_(0, height + 1)
-    return WarpLines(rotation_rows, rotation_columns, shear_rows, shear_columns, source_rows * (width + 2))
+    row_parts[:, :, 0] = row_parts[:, :, -1] = OUTSIDE
+    column_parts[..., 0] = column_parts[..., -1] = OUTSIDE
+    x, y = (row_parts + column_parts).bitwise_right_shift_(16).unbind(dim=1)
+    return y.clamp_(0, height + 1).mul_(width + 2).add_(x.clamp_(0, width + 1))
 
 
-def geometry_map(lines, height, width):
+def geometry_map(coefficients, height, width):
     """One index per output pixel (B, H * W) int32 into the zero-padded source: flip, rotation, shear+scale.
 
-    Source coordinates are clamped into the padded image: a source outside the image reads
-    its zero border, as PIL fills with zero. Nearest-neighbour warps only move pixels, so
-    chaining their index maps gives exactly what applying them one after the other gives,
-    in a single gather.
+    coefficients: (2, B, 6) from source_coefficients. Source coordinates are clamped into the
+    padded image: a source outside the image reads its zero border, as PIL fills with zero.
+    Nearest-neighbour warps only move pixels, so chaining their index maps gives exactly what
+    applying them one after the other gives, in a single gather.
     """
-    batch = len(lines.shear_rows)
-    x, y = (lines.rotation_rows + lines.rotation_columns).bitwise_right_shift_(16).unbind(dim=1)
-    rotated_from = y.clamp_(0, height + 1).mul_(width + 2).add_(x.clamp_(0, width + 1))  # (B, H + 2, W + 2)
-    x = (lines.shear_rows + lines.shear_columns).bitwise_right_shift_(16).clamp_(0, width + 1)
-    sheared_from = x.add_(lines.shear_source_rows).view(batch, -1)  # flat, into the padded rotated image
-    return rotated_from.reshape(batch, -1).gather(1, sheared_from.long())
+    rotation, shear = coefficients
+    batch = len(shear)
+    rows = torch.arange(height, device=shear.device, dtype=torch.int32).view(1, -1, 1)
+    columns = torch.arange(width, device=shear.device, dtype=torch.int32).view(1, 1, -1)
+    a0, a1, a2, _, a4, a5 = shear.view(batch, 6, 1, 1).unbind(dim=1)  # each (B, 1, 1)
+    # The shear is along x only (coefficient 3 is 0), so the source row depends on the output row alone.
+    source_rows = (a5 + rows * a4).bitwise_right_shift_(16).clamp_(0, height + 1)  # (B, H, 1)
+    x = (a2 + rows * a1 + columns * a0).bitwise_right_shift_(16).clamp_(0, width + 1)  # (B, H, W)
+    sheared_from = x.add_(source_rows * (width + 2)).view(batch, -1)  # flat, into the padded rotated image
+    return rotated_sources(rotation, height, width).reshape(batch, -1).gather(1, sheared_from.long())
 
 
 @functools.cache
@@ -226,8 +216,7 @@ def geometry_maps(coefficients, height, width):
     dtype = torch.int16 if (height + 2) * (width + 2) <= torch.iinfo(torch.int16).max else torch.int32
     maps = torch.empty(count, height * width, dtype=dtype, device=coefficients.device)
     for start in range(0, count, BLOCK):
-        lines = warp_lines(coefficients[:, start : start + BLOCK], height, width)
-        maps[start : start + BLOCK] = geometry_map(lines, height, width)
+        maps[start : start + BLOCK] = geometry_map(coefficients[:, start : start + BLOCK], height, width)
     return maps
 
 
