@@ -6,7 +6,9 @@ on the same images, with the same model, batch size and transforms:
     batched augmentation, channels_last);
   - post: benchmarks/post_loop.py, the post's code: torchvision DataLoader over PIL
     images (ToTensor, Normalize and, for augmented tries, the post's transform chain),
-    the post's networks as written and its training loop;
+    the post's networks as written and its training loop; for the 4th try, which the
+    post does not have, the same loop over torchvision's RandomHorizontalFlip and
+    RandomCrop(32, padding) with the pipeline's model and optimizer;
   - floor: the pipeline's bare model step (forward, backward, optimizer) on ready float
     tensors.
 Prints, per try, training images per second of whole epochs (training plus evaluation)
@@ -30,13 +32,15 @@ import torch
 from torch.nn import functional as F
 
 from benchmarks.post_loop import POST_MODELS, post_epoch, post_loaders
-from stages.augment import Augmentation
 from stages.data import Split, read_archive_batches
 from stages.download import read_members
-from stages.models import build_model
+from stages.models import build_model, fit_to_data
 from stages.params import load_params, resolve_try
+from stages.recipe import build_optimizer
 from stages.train import (
-    build_optimizer,
+    FIT_IMAGES,
+    build_augmentation,
+    build_updates,
     evaluate,
     keep_freed_memory,
     normalise,
@@ -71,33 +75,45 @@ def timed(device, function, *args):
     return time.perf_counter() - start
 
 
-def fresh_model(config, device):
-    """The pipeline's network and optimizer, as stages.train builds them."""
+def fresh_model(config, train_split, device, rounds=1):
+    """The pipeline's network and what updates it, as stages.train builds them, for rounds epochs of train_split."""
     torch.manual_seed(config["seed"])
     model = build_model(config["model"]).to(device, memory_format=torch.channels_last)
-    return model, build_optimizer(config, model.parameters())
+    fit_to_data(model, normalise(train_split.images[:FIT_IMAGES]))
+    steps = rounds * -(-len(train_split.labels) // config["batch_size"])
+    return model, build_updates(config, model, steps)
 
 
 def fresh_post_model(config, device):
-    """The post's network as written and its optimizer: Adam(lr) in NCHW."""
+    """The post's network as written and its optimizer, Adam(lr), in NCHW; for the 4th try, the pipeline's."""
     torch.manual_seed(config["seed"])
+    if config["model"] not in POST_MODELS:
+        model = build_model(config["model"]).to(device)
+        return model, build_optimizer(config, model)
     model = POST_MODELS[config["model"]]().to(device)
     return model, torch.optim.Adam(model.parameters(), lr=config["lr"])
 
 
+def pipeline_epoch(config, model, updates, split, generator, augment):
+    """stages.train's training epoch with every ingredient of the try's recipe."""
+    train_one_epoch(model, updates.optimizer, split, config["batch_size"], generator, augment,
+                    label_smoothing=config["label_smoothing"], schedule=updates.schedule,
+                    lookahead=updates.lookahead)  # fmt: skip
+
+
 def measure_try(config, recipe, train, test, device, rounds):
     """Seconds per whole epoch for pipeline and post; per training batch for pipeline and floor."""
-    batch = config["batch_size"]
     # As stages.train lays them out: channels_last unless augmentation reads them first.
-    train_split = on_device(train, device, channels_last=not config["augment"])
+    augmented = build_augmentation(config, recipe, torch.Generator()) is not None
+    train_split = on_device(train, device, channels_last=not augmented)
     test_split = on_device(test, device, channels_last=True)
-    loaders = post_loaders(train, test, recipe, config["augment"], batch)
+    loaders = post_loaders(train, test, recipe, config)
     times = {"pipeline_epoch": [], "post_epoch": []}
     for _ in range(rounds):
-        model, optimizer = fresh_model(config, device)
+        model, updates = fresh_model(config, train_split, device)
         generator = torch.Generator().manual_seed(config["seed"])
-        augment = Augmentation(recipe, generator) if config["augment"] else None
-        fit = timed(device, train_one_epoch, model, optimizer, train_split, batch, generator, augment)
+        augment = build_augmentation(config, recipe, generator)
+        fit = timed(device, pipeline_epoch, config, model, updates, train_split, generator, augment)
         times["pipeline_epoch"].append(fit + timed(device, evaluate, model, test_split))
         model, optimizer = fresh_post_model(config, device)
         times["post_epoch"].append(timed(device, post_epoch, model, optimizer, *loaders, device))
@@ -119,24 +135,26 @@ def measure_floor(config, recipe, train_split, device, rounds):
     slices = [Split(*(t[i : i + size] for t in train_split)) for i in range(0, len(train_split.labels), size)]
     ready = [[(normalise(s.images[i : i + batch]), s.labels[i : i + batch]) for i in range(0, len(s.labels), batch)]
              for s in slices]  # fmt: skip
-    model, optimizer = fresh_model(config, device)
-    floor_model, floor_optimizer = fresh_model(config, device)
+    model, updates = fresh_model(config, train_split, device, rounds)
+    floor_model, floor_updates = fresh_model(config, train_split, device, rounds)
     generator = torch.Generator().manual_seed(config["seed"])
-    augment = Augmentation(recipe, generator) if config["augment"] else None
+    augment = build_augmentation(config, recipe, generator)
+    smoothing = config["label_smoothing"]
     pipeline = floor = 0.0
     for _ in range(rounds):
         for part, ready_part in zip(slices, ready, strict=True):
-            before = timed(device, floor_steps, floor_model, floor_optimizer, ready_part)
-            pipeline += timed(device, train_one_epoch, model, optimizer, part, batch, generator, augment)
-            floor += (before + timed(device, floor_steps, floor_model, floor_optimizer, ready_part)) / 2
+            before = timed(device, floor_steps, floor_model, floor_updates.optimizer, ready_part, smoothing)
+            pipeline += timed(device, pipeline_epoch, config, model, updates, part, generator, augment)
+            after = timed(device, floor_steps, floor_model, floor_updates.optimizer, ready_part, smoothing)
+            floor += (before + after) / 2
     batches = rounds * sum(len(r) for r in ready)
     return {"pipeline_batch": pipeline / batches, "floor_batch": floor / batches, "over_floor": pipeline / floor - 1}
 
 
-def floor_steps(model, optimizer, ready):
+def floor_steps(model, optimizer, ready, label_smoothing):
     model.train()
     for images, labels in ready:
-        loss = F.cross_entropy(model(images), labels)
+        loss = F.cross_entropy(model(images), labels, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

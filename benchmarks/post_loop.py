@@ -2,6 +2,9 @@
 
 The benchmark times this against the pipeline. Only what the post does goes here,
 bugs that cost no time included (no model.eval(), loss and accuracy summed over batches).
+For a try the post does not have (the 4th), the same loop stands for what a user would
+otherwise write: torchvision's RandomHorizontalFlip and RandomCrop(32, padding, reflect)
+in a DataLoader (`plain_transforms`), feeding the pipeline's own model.
 """
 
 import torch
@@ -72,9 +75,24 @@ def post_transforms(recipe, augment):
     return transforms.Compose([*chain, transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
 
 
-def post_loaders(train, test, recipe, augment, batch_size):
-    """The post's DataLoaders: shuffled training images, augmented when the try augments."""
-    train_set = PostDataset(train, post_transforms(recipe, augment))
+def plain_transforms(config):
+    """torchvision's flip and padded random crop, as the try's flip and translate keys ask."""
+    chain = [transforms.RandomHorizontalFlip()] if config["flip"] else []
+    if config["translate"]:
+        chain.append(transforms.RandomCrop(32, padding=config["translate"], padding_mode="reflect"))
+    return transforms.Compose([*chain, transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
+
+
+def post_loaders(train, test, recipe, config):
+    """The post's DataLoaders: shuffled training images, augmented when the try augments.
+
+    A try whose model the post does not have gets plain_transforms for training instead.
+    """
+    batch_size = config["batch_size"]
+    if config["model"] in POST_MODELS:
+        train_set = PostDataset(train, post_transforms(recipe, config["augment"]))
+    else:
+        train_set = PostDataset(train, plain_transforms(config))
     test_set = PostDataset(test, post_transforms(recipe, augment=False))
     return (
         torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True),

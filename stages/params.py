@@ -1,10 +1,12 @@
 """Reads params.yaml, checks every value in it, and resolves each try's config.
 
-All stages call `load_params()` first, so a typo anywhere stops the pipeline
-before any work is done, with every problem listed at once.
+Stages that read params.yaml call `load_params()` first, so a typo anywhere stops
+the pipeline before any work is done, with every problem listed at once.
 A try's effective config is `train` overlaid with the try's own keys; a key
 set to null inherits train's value (it is there so that `dvc exp run -S
 tries.<try>.<key>=...` can set it: DVC's -S only overrides keys that exist).
+The configure stage writes each try's effective config to configs/<try>.yaml
+(`try_config_file`), which is all that its train stage reads and depends on.
 """
 
 import difflib
@@ -14,12 +16,14 @@ from pathlib import Path
 
 import yaml
 
-from stages.errors import ParamsError
+from stages.errors import ParamsError, PipelineError
 from stages.models import MODELS
 
 PARAMS_FILE = Path("params.yaml")
+CONFIGS_DIR = Path("configs")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+TTA_MODES = ("none", "flip", "flip_translate")
 # Try names become file names (models/<try>.pt) and DVC stage names (train@<try>).
 TRY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
@@ -49,6 +53,8 @@ NON_NEGATIVE_INT = Rule("an integer >= 0", lambda v: _is_int(v) and v >= 0)
 POSITIVE_NUMBER = Rule("a number > 0", lambda v: _is_number(v) and v > 0)
 NON_NEGATIVE_NUMBER = Rule("a number >= 0", lambda v: _is_number(v) and v >= 0)
 PROBABILITY = Rule("a number from 0 to 1", lambda v: _is_number(v) and 0 <= v <= 1)
+BELOW_ONE = Rule("a number >= 0 and < 1", lambda v: _is_number(v) and 0 <= v < 1)
+TRANSLATION = Rule("an integer from 0 to 16 (pixels)", lambda v: _is_int(v) and 0 <= v <= 16)
 BOOLEAN = Rule("true or false", lambda v: isinstance(v, bool))
 TEXT = Rule("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
 MD5 = Rule("32 hexadecimal digits", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-fA-F]{32}", v))
@@ -64,8 +70,18 @@ TRAIN_SCHEMA = {
     "lr": POSITIVE_NUMBER,
     "optimizer": one_of(*OPTIMIZERS),
     "momentum": NON_NEGATIVE_NUMBER,
+    "nesterov": BOOLEAN,
     "weight_decay": NON_NEGATIVE_NUMBER,
+    "norm_bias_lr": POSITIVE_NUMBER,
+    "warmup": PROBABILITY,
+    "lr_start": NON_NEGATIVE_NUMBER,
+    "lr_end": NON_NEGATIVE_NUMBER,
+    "label_smoothing": BELOW_ONE,
+    "lookahead": BELOW_ONE,
     "augment": BOOLEAN,
+    "flip": BOOLEAN,
+    "translate": TRANSLATION,
+    "tta": one_of(*TTA_MODES),
     "seed": NON_NEGATIVE_INT,
     "device": one_of(*DEVICES),
     "amp": BOOLEAN,
@@ -110,7 +126,21 @@ def check_params(params):
             problems += check_mapping(section, params[section], schema, required=True)
     if "tries" in params:
         problems += check_tries(params["tries"])
+    if not problems:
+        problems += [problem for name in params["tries"] for problem in check_combination(params, name)]
     return problems
+
+
+def check_combination(params, name):
+    """Problems of keys that are each allowed but not together, in a try's effective config."""
+    config = resolve_try(params, name)
+    if config["nesterov"] and (config["optimizer"] != "sgd" or config["momentum"] == 0):
+        where = f"tries.{name}.nesterov" if params["tries"][name].get("nesterov") else "train.nesterov"
+        return [
+            f"{where}: true needs optimizer sgd and a momentum > 0, got optimizer {config['optimizer']!r} "
+            f"and momentum {config['momentum']} for try {name}; set nesterov to false or use sgd with momentum"
+        ]
+    return []
 
 
 def check_tries(tries):
@@ -158,3 +188,34 @@ def resolve_try(params, name):
         raise ParamsError([f"tries.{name}: no such try; tries are {', '.join(params['tries'])}"])
     own = {key: value for key, value in params["tries"][name].items() if value is not None}
     return {**params["train"], **own}
+
+
+def try_config_file(name, configs_dir=CONFIGS_DIR):
+    return Path(configs_dir) / f"{name}.yaml"
+
+
+def try_config(params, name):
+    """What configs/<try>.yaml holds: the effective config, and the post's augmentation recipe if the try uses it.
+
+    A try that does not augment gets no recipe, so that changing the recipe retrains only tries that use it.
+    """
+    config = resolve_try(params, name)
+    return {**config, "augment_recipe": params["augment"]} if config["augment"] else config
+
+
+def read_try_config(name, configs_dir=CONFIGS_DIR):
+    """(config, recipe) of one try from configs/<try>.yaml; recipe is None when the try does not augment."""
+    path = try_config_file(name, configs_dir)
+    try:
+        config = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path} not found; `dvc repro` writes it (stage configure) from params.yaml") from None
+    if not isinstance(config, dict):
+        raise ParamsError([f"expected a mapping, got {config!r}"], source=str(path))
+    recipe = config.pop("augment_recipe", None)
+    problems = check_mapping(str(path), config, TRY_SCHEMA, required=True)
+    if config.get("augment") and recipe is None:
+        problems.append(f"{path}: augment is true but augment_recipe is missing")
+    if problems:
+        raise ParamsError(problems, source=str(path))
+    return config, recipe

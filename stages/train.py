@@ -12,8 +12,10 @@ Reads data/cifar10/ and the try's effective config (`train` overlaid with
 
 import argparse
 import ctypes
+import math
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 from torch.nn import functional as F
@@ -22,15 +24,18 @@ from tqdm import tqdm
 from stages.augment import Augmentation
 from stages.data import DATASET_DIR, Dataset, Split, load_dataset
 from stages.errors import PipelineError, exits_cleanly
-from stages.models import build_model, count_parameters
+from stages.models import build_model, count_parameters, fit_to_data
 from stages.outputs import atomic_path, outputs_for, write_csv, write_json
-from stages.params import load_params, resolve_try
+from stages.params import read_try_config
+from stages.recipe import Lookahead, LrSchedule, build_optimizer, predict
+from stages.translate import FlipTranslate
 
 MEAN, STD = 0.5, 0.5  # the post's Normalize((0.5,)*3, (0.5,)*3)
 EVAL_BATCH = 500  # images per evaluation batch; on a CPU, 1,000 ran up to twice as slow per image
 # Batches prepared back to back: after a model step the augmentation's code and data are out of the
 # CPU's caches (~0.3 ms a batch to bring back). 20 and 50 measured slower: 12 MB of ready batches is enough.
 AHEAD = 10
+FIT_IMAGES = 5000  # training images a model whose first layer is set from the data (Airbench) looks at
 CHECK_EVERY = 50  # batches between looks at the loss: each costs a few small ops, and on a GPU a wait for it
 HISTORY_HEADER = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
@@ -65,17 +70,6 @@ def keep_freed_memory():
         return False
     # glibc's own threshold grows only up to the size of the blocks freed so far, and trimming undoes it.
     return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) and libc.mallopt(M_TRIM_THRESHOLD, 2**30))
-
-
-def build_optimizer(config, parameters):
-    # Not fused: on a 2-core CPU fused Adam saves ~5% of the model step but leaves the augmentation
-    # that follows it 20-30% slower, and it rounds differently from the results recorded so far.
-    lr, decay = config["lr"], config["weight_decay"]
-    if config["optimizer"] == "adam":
-        return torch.optim.Adam(parameters, lr=lr, weight_decay=decay)
-    if config["optimizer"] == "adamw":
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=decay)
-    return torch.optim.SGD(parameters, lr=lr, momentum=config["momentum"], weight_decay=decay)
 
 
 def normalise(images):
@@ -118,9 +112,12 @@ class NonFiniteLoss(Exception):
         self.batch, self.value = batch, value
 
 
-def train_one_epoch(model, optimizer, split, batch_size, generator, augment=None, amp=False, desc="train"):
+def train_one_epoch(model, optimizer, split, batch_size, generator, augment=None, amp=False, desc="train",
+                    label_smoothing=0.0, schedule=None, lookahead=None):  # fmt: skip
     """One pass over split in a seeded random order; returns mean loss and accuracy (%) over images.
 
+    The loss is cross-entropy against labels smoothed by label_smoothing. schedule (an LrSchedule)
+    sets the lr before each optimizer step, lookahead (a Lookahead) averages the weights after it.
     Raises NonFiniteLoss, naming the first batch whose loss is nan or infinite, fewer than CHECK_EVERY
     batches after it.
     """
@@ -136,10 +133,14 @@ def train_one_epoch(model, optimizer, split, batch_size, generator, augment=None
         inputs, labels = ready[step % AHEAD]
         with mixed_precision(device, amp):
             outputs = model(inputs)
-            loss = F.cross_entropy(outputs, labels)
+            loss = F.cross_entropy(outputs, labels, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if schedule is not None:
+            schedule.step()
         optimizer.step()
+        if lookahead is not None:
+            lookahead.step()
         losses.append(loss.detach())
         predictions.append(outputs.argmax(1))
         if (step + 1) % CHECK_EVERY == 0 or step + 1 == len(batches):
@@ -167,8 +168,11 @@ def raise_if_not_finite(losses, start):
 
 
 @torch.no_grad()
-def evaluate(model, split, amp=False):
-    """Loss and accuracy (%) over every image of split, in eval mode (dropout off)."""
+def evaluate(model, split, amp=False, tta="none"):
+    """Loss and accuracy (%) over every image of split, in eval mode (dropout off, BatchNorm's running statistics).
+
+    tta names the test-time views whose logits are averaged (see stages.recipe.predict).
+    """
     model.eval()
     device = split.images.device
     losses, predictions = [], []  # per image, so that the sum does not depend on how images are batched
@@ -176,7 +180,7 @@ def evaluate(model, split, amp=False):
         images = split.images[start : start + EVAL_BATCH]
         labels = split.labels[start : start + EVAL_BATCH]
         with mixed_precision(device, amp):
-            outputs = model(normalise(images))
+            outputs = predict(model, normalise(images), tta)
         losses.append(F.cross_entropy(outputs.float(), labels, reduction="none"))
         predictions.append(outputs.argmax(1))
     predictions = torch.cat(predictions)
@@ -186,18 +190,24 @@ def evaluate(model, split, amp=False):
 
 
 def train(config, recipe, dataset, outputs, name="try"):
-    """Trains one try on dataset and writes its outputs; returns its metrics."""
+    """Trains one try on dataset and writes its outputs; returns its metrics.
+
+    config: the try's effective config (train's keys and its model); recipe: the post's augmentation
+    recipe (params.yaml's augment section), used when config["augment"] is true.
+    """
     started = time.perf_counter()
     device = pick_device(config["device"])
     keep_freed_memory()
     torch.manual_seed(config["seed"])  # weight init and dropout
     generator = torch.Generator().manual_seed(config["seed"])  # data order and augmentation draws
+    augment = build_augmentation(config, recipe, generator)
     # Augmentation reads and writes (N, C, H, W); everything else feeds the model channels_last directly.
-    train_split = on_device(dataset.train, device, channels_last=not config["augment"])
+    train_split = on_device(dataset.train, device, channels_last=augment is None)
     data = Dataset(train_split, on_device(dataset.test, device, channels_last=True), dataset.classes)
     model = build_model(config["model"], len(dataset.classes)).to(device, memory_format=torch.channels_last)
-    optimizer = build_optimizer(config, model.parameters())
-    augment = Augmentation(recipe, generator) if config["augment"] else None
+    fit_to_data(model, normalise(train_split.images[:FIT_IMAGES]))
+    total_steps = config["epochs"] * math.ceil(len(data.train.labels) / config["batch_size"])
+    updates = build_updates(config, model, total_steps)
     if config["amp"] and device.type != "cuda":
         print(f"train.amp: mixed precision applies on CUDA only; training in float32 on {device}")
     print(
@@ -207,21 +217,49 @@ def train(config, recipe, dataset, outputs, name="try"):
     )
     history = []
     for epoch in range(1, config["epochs"] + 1):
-        row, predictions = run_epoch(epoch, model, optimizer, data, config, generator, augment, name)
+        row, predictions = run_epoch(epoch, model, updates, data, config, generator, augment, name)
         history.append(row)
     metrics = summarise(history, count_parameters(model), time.perf_counter() - started)
     write_outputs(outputs, model, config, dataset.classes, history, predictions, dataset.test.labels, metrics)
     return metrics
 
 
-def run_epoch(epoch, model, optimizer, data, config, generator, augment, name):
+class Updates(NamedTuple):
+    """What changes the weights at each step: the optimizer, the lr schedule it follows, the weight averaging."""
+
+    optimizer: torch.optim.Optimizer
+    schedule: LrSchedule
+    lookahead: Lookahead | None
+
+
+def build_updates(config, model, total_steps):
+    optimizer = build_optimizer(config, model)
+    lookahead = Lookahead(model, config["lookahead"], total_steps) if config["lookahead"] > 0 else None
+    return Updates(optimizer, LrSchedule(optimizer, config, total_steps), lookahead)
+
+
+def build_augmentation(config, recipe, generator):
+    """The try's augmentation of uint8 batches: the post's recipe, then flip and translate; None for neither."""
+    steps = []
+    if config["augment"]:
+        steps.append(Augmentation(recipe, generator))
+    if config["flip"] or config["translate"] > 0:
+        steps.append(FlipTranslate(config["flip"], config["translate"], generator))
+    if len(steps) <= 1:
+        return steps[0] if steps else None
+    return lambda images: steps[1](steps[0](images))
+
+
+def run_epoch(epoch, model, updates, data, config, generator, augment, name):
     """Trains and evaluates one epoch, prints it like the post does; returns its history row and predictions."""
     started = time.perf_counter()
     epochs = config["epochs"]
     try:
-        fit = train_one_epoch(model, optimizer, data.train, config["batch_size"], generator, augment,
-                              config["amp"], desc=f"epoch {epoch}/{epochs}")  # fmt: skip
-        val = evaluate(model, data.test, config["amp"])
+        fit = train_one_epoch(model, updates.optimizer, data.train, config["batch_size"], generator, augment,
+                              config["amp"], desc=f"epoch {epoch}/{epochs}", label_smoothing=config["label_smoothing"],
+                              schedule=updates.schedule, lookahead=updates.lookahead)  # fmt: skip
+        # Test-time views cost a pass each: only the final evaluation, the try's result, takes them.
+        val = evaluate(model, data.test, config["amp"], config["tta"] if epoch == epochs else "none")
     except NonFiniteLoss as bad:
         raise PipelineError(
             f"{name}: the training loss became {bad.value} at epoch {epoch}, batch {bad.batch}, "
@@ -293,9 +331,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Train one try of params.yaml.")
     parser.add_argument("name", help="a key of params.yaml's tries section")
     name = parser.parse_args(argv).name
-    params = load_params()
-    config = resolve_try(params, name)
-    train(config, params["augment"], load_dataset(DATASET_DIR), outputs_for(name), name)
+    config, recipe = read_try_config(name)
+    train(config, recipe, load_dataset(DATASET_DIR), outputs_for(name), name)
 
 
 if __name__ == "__main__":

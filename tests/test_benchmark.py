@@ -11,11 +11,11 @@ ROW = re.compile(r"^(\w+) +(\d+) +(\d+) +([\d.]+)x +([\d.]+) +([\d.]+) +([+-][\d
 def test_the_benchmark_prints_speed_up_and_floor_for_each_try_asked(small_archive):
     archive, _ = small_archive
     command = [sys.executable, "-m", "benchmarks.benchmark", "--archive", archive, "--train-images", "200",
-               "--test-images", "100", "--rounds", "1", "--tries", "lenet", "lenet2_aug"]  # fmt: skip
+               "--test-images", "100", "--rounds", "1", "--tries", "lenet", "lenet2_aug", "airbench"]  # fmt: skip
     lines = run(command, cwd=ROOT).stdout.splitlines()
     assert lines[0].startswith("machine: ") and "200 training + 100 test" in lines[1]
     rows = {match[1]: match for match in map(ROW.match, lines[3:]) if match}
-    assert list(rows) == ["lenet", "lenet2_aug"], lines
+    assert list(rows) == ["lenet", "lenet2_aug", "airbench"], lines
     for name, row in rows.items():
         pipeline, post, speed_up = int(row[2]), int(row[3]), float(row[4])
         assert abs(speed_up - pipeline / post) < 0.02, (name, row[0])  # the ratio of the two throughputs

@@ -37,15 +37,21 @@ def test_each_stage_lists_all_the_code_it_runs(name, stage):
     module = re.fullmatch(r"python -m stages\.(\w+)( .*)?", stage["cmd"]).group(1)
     code = {f"stages/{m}.py" for m in {module} | imported_stage_modules(module)}
     code -= {"stages/errors.py", "stages/outputs.py"}  # how errors and files are written, not what is computed
-    if name != "train":  # these only validate params.yaml; train also merges each try's config with them
+    if name not in ("configure", "train"):  # these only validate params.yaml; configure and train resolve configs
         code -= {"stages/params.py", "stages/models.py"}
     deps = {d for d in stage["deps"] if d.startswith("stages/")}
     assert deps == code
 
 
 def test_each_params_section_is_used_by_a_stage_and_exists():
-    used = {p.split(".")[0] for _, stage in stage_definitions() for p in stage.get("params", [])}
+    used = {p.split(".")[0] for _, stage in stage_definitions() for p in stage.get("params", []) if isinstance(p, str)}
     assert used == set(PARAMS) == set(SECTIONS)
+
+
+def test_each_train_stage_depends_on_its_own_config_file_only():
+    train = DVC_YAML["stages"]["train"]["do"]
+    assert train["params"] == [{"configs/${key}.yaml": None}]
+    assert DVC_YAML["stages"]["configure"]["outs"] == ["configs"]
 
 
 def test_every_train_key_is_in_params_yaml_with_a_comment():

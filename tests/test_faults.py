@@ -141,6 +141,7 @@ def downloaded(project, small_archive):
 
 def test_a_diverging_loss_stops_the_try_with_epoch_batch_and_lr(downloaded):
     edit_params(downloaded, lambda p: p["tries"]["lenet"].update(lr=1e30))
+    assert stage(downloaded, "stages.configure").returncode == 0
     result = stage(downloaded, "stages.train", "lenet")
     assert result.returncode == 1
     assert "lenet: the training loss became nan at epoch 1, batch" in result.stderr

@@ -1,4 +1,4 @@
-"""The post's networks: layer sizes give the expected parameter counts and output shapes."""
+"""The networks: layer sizes give the expected parameter counts and output shapes; the 4th try's whitening."""
 
 import pytest
 import torch
@@ -12,6 +12,16 @@ EXPECTED_PARAMETERS = {
     "lenet": (3 * 20 * 25 + 20) + (20 * 50 * 25 + 50) + (1250 * 500 + 500) + (500 * 10 + 10),
     "lenet2": (3 * 16 * 9 + 16) + (16 * 32 * 9 + 32) + (32 * 64 * 9 + 64) + (1024 * 500 + 500) + (500 * 10 + 10),
 }
+EXPECTED_PARAMETERS["lenet2_bn"] = EXPECTED_PARAMETERS["lenet2"] + 2 * (16 + 32 + 64)  # BatchNorm's scale and shift
+# Whitening 2x2 conv with bias; per block two bias-free 3x3 convs, each with a BatchNorm (scale and shift); the head.
+EXPECTED_PARAMETERS["airbench"] = (
+    (24 * 3 * 4 + 24)
+    + sum(
+        c_in * c_out * 9 + 2 * c_out + c_out * c_out * 9 + 2 * c_out for c_in, c_out in ((24, 24), (24, 64), (64, 128))
+    )
+    + 128 * 10
+)
+WITH_DROPOUT = ["lenet", "lenet2", "lenet2_bn"]
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -21,7 +31,7 @@ def test_model_maps_a_batch_of_images_to_ten_logits(name):
     assert count_parameters(model) == EXPECTED_PARAMETERS[name]
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", WITH_DROPOUT)
 def test_dropout_is_active_in_training_and_off_in_eval(name):
     torch.manual_seed(0)
     model, images = build_model(name), torch.randn(8, 3, 32, 32)
@@ -32,11 +42,11 @@ def test_dropout_is_active_in_training_and_off_in_eval(name):
 
 
 def test_an_unknown_model_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown model 'vgg'; valid models: lenet, lenet2"):
+    with pytest.raises(ValueError, match="unknown model 'vgg'; valid models: lenet, lenet2, lenet2_bn, airbench"):
         build_model("vgg")
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", POST_MODELS)
 def test_pooling_before_relu_learns_exactly_what_the_posts_order_learns(name):
     """Outputs and every gradient equal bit for bit, dropout on, ties and negative windows included."""
     torch.manual_seed(0)
@@ -53,3 +63,28 @@ def test_pooling_before_relu_learns_exactly_what_the_posts_order_learns(name):
         results.append([outputs, *(p.grad for p in model.parameters())])
     for got, expected in zip(*results, strict=True):
         assert torch.equal(got, expected)
+
+
+def test_airbench_shapes_and_what_it_trains():
+    model = build_model("airbench")
+    x = torch.zeros(2, 3, 32, 32)
+    assert model.whiten(x).shape == (2, 24, 31, 31)
+    assert model.block1(model.whiten(x)).shape == (2, 24, 15, 15)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert "whiten.weight" not in trainable and "block1.norm1.weight" not in trainable
+    assert {"whiten.bias", "block1.norm1.bias", "block3.conv2.weight", "head.weight"} <= trainable
+
+
+def test_whitening_decorrelates_the_training_patches():
+    torch.manual_seed(0)
+    mixing = torch.randn(3, 3)
+    noise = torch.einsum("ij,njhw->nihw", mixing, torch.randn(200, 3, 32, 32))  # channels correlated
+    images = noise + 0.7 * noise.roll(1, dims=-1)  # and neighbouring pixels
+    model = build_model("airbench")
+    model.fit_to_data(images)
+    with torch.no_grad():
+        outputs = F.conv2d(images, model.whiten.weight[:12])  # the second 12 filters are the first negated
+    flat = outputs.permute(1, 0, 2, 3).reshape(12, -1)
+    covariance = flat @ flat.T / flat.shape[1]
+    assert torch.allclose(covariance, torch.eye(12), atol=0.05)
+    assert torch.equal(model.whiten.weight[12:], -model.whiten.weight[:12])

@@ -4,8 +4,9 @@ import copy
 
 import pytest
 
-from stages.errors import ParamsError
-from stages.params import PARAMS_FILE, check_params, load_params, resolve_try
+from stages.configure import write_try_configs
+from stages.errors import ParamsError, PipelineError
+from stages.params import PARAMS_FILE, check_params, load_params, read_try_config, resolve_try, try_config
 from tests.conftest import ROOT
 
 
@@ -22,7 +23,7 @@ def test_shipped_params_are_valid_and_hold_the_posts_settings(params):
         "lr": 0.001,
         "optimizer": "adam",
     }
-    assert list(params["tries"]) == ["lenet", "lenet2", "lenet2_aug"]
+    assert list(params["tries"]) == ["lenet", "lenet2", "lenet2_aug", "airbench"]
 
 
 @pytest.mark.parametrize(
@@ -36,7 +37,7 @@ def test_a_try_overlays_its_keys_on_train(params, name, model, augment):
 def test_train_augment_reaches_every_try_that_does_not_set_its_own(params):
     params["train"]["augment"] = True
     params["tries"]["lenet"]["augment"] = False
-    assert [resolve_try(params, t)["augment"] for t in params["tries"]] == [False, True, True]
+    assert [resolve_try(params, t)["augment"] for t in params["tries"]] == [False, True, True, False]  # airbench: own
 
 
 def test_a_null_try_key_inherits_and_a_set_one_overrides(params):
@@ -58,6 +59,14 @@ def test_an_unknown_try_is_named():
         (lambda p: p.update(extra={}), "extra: unknown key"),
         (lambda p: p["augment"].update(blur=1), "augment.blur: unknown key"),
         (lambda p: p["tries"]["x"].update(model="vgg"), "tries.x.model: got 'vgg'; expected one of 'lenet', 'lenet2'"),
+        (
+            lambda p: p["tries"]["x"].update(nesterov=True),
+            "tries.x.nesterov: true needs optimizer sgd and a momentum > 0",
+        ),
+        (
+            lambda p: p["train"].update(nesterov=True, optimizer="sgd"),
+            "train.nesterov: true needs optimizer sgd and a momentum > 0, got optimizer 'sgd' and momentum 0.0",
+        ),
         (lambda p: p["tries"]["x"].pop("model"), "tries.x.model: missing"),
         (lambda p: p["train"].update(epochs=0), "train.epochs: got 0; expected an integer > 0"),
         (lambda p: p["train"].update(epochs="12"), "train.epochs: got '12'; expected an integer > 0"),
@@ -80,6 +89,25 @@ def test_an_unknown_try_is_named():
         (lambda p: p["tries"].update(y=[1]), "tries.y: expected a mapping"),
         (lambda p: p["tries"].update({"a/b": {"model": "lenet"}}), "tries.a/b: a try name may hold only"),
         (lambda p: p.update(tries={}), "tries: expected a non-empty mapping"),
+        (lambda p: p["train"].update(nesterov="yes"), "train.nesterov: got 'yes'; expected true or false"),
+        (lambda p: p["train"].update(norm_bias_lr=0), "train.norm_bias_lr: got 0; expected a number > 0"),
+        (lambda p: p["train"].update(warmup=1.5), "train.warmup: got 1.5; expected a number from 0 to 1"),
+        (lambda p: p["tries"]["x"].update(lr_start=-1), "tries.x.lr_start: got -1; expected a number >= 0"),
+        (lambda p: p["train"].update(lr_end="0.1"), "train.lr_end: got '0.1'; expected a number >= 0"),
+        (
+            lambda p: p["train"].update(label_smoothing=1),
+            "train.label_smoothing: got 1; expected a number >= 0 and < 1",
+        ),
+        (lambda p: p["tries"]["x"].update(lookahead=0.95, lookahead_every=5), "tries.x.lookahead_every: unknown key"),
+        (lambda p: p["train"].update(lookahead=1.0), "train.lookahead: got 1.0; expected a number >= 0 and < 1"),
+        (lambda p: p["train"].update(flip=1), "train.flip: got 1; expected true or false"),
+        (lambda p: p["train"].update(translate=2.5), "train.translate: got 2.5; expected an integer from 0 to 16"),
+        (lambda p: p["tries"]["x"].update(translate=40), "tries.x.translate: got 40"),
+        (lambda p: p["train"].update(tta="mirror"), "train.tta: got 'mirror'; expected one of 'none', 'flip'"),
+        (
+            lambda p: p["tries"]["x"].update(model="airnet"),
+            "expected one of 'lenet', 'lenet2', 'lenet2_bn', 'airbench'",
+        ),
     ],
 )
 def test_each_mistake_is_reported_with_key_value_and_what_is_allowed(params, change, expected):
@@ -109,3 +137,27 @@ def test_unreadable_params_files_are_refused(tmp_path, text, expected):
     path.write_text(text)
     with pytest.raises(ParamsError, match=expected):
         load_params(path)
+
+
+def test_a_try_config_holds_the_posts_recipe_only_when_it_augments(params):
+    assert "augment_recipe" not in try_config(params, "lenet2")
+    assert try_config(params, "lenet2_aug")["augment_recipe"] == params["augment"]
+
+
+def test_configure_writes_each_try_config_and_train_reads_it_back(tmp_path, params):
+    write_try_configs(params, tmp_path / "configs")
+    assert sorted(p.name for p in (tmp_path / "configs").iterdir()) == sorted(f"{t}.yaml" for t in params["tries"])
+    for name in params["tries"]:
+        config, recipe = read_try_config(name, tmp_path / "configs")
+        assert config == resolve_try(params, name)
+        assert recipe == (params["augment"] if config["augment"] else None)
+
+
+def test_a_missing_or_edited_try_config_is_named(tmp_path, params):
+    with pytest.raises(PipelineError, match="configs/lenet.yaml not found; `dvc repro` writes it"):
+        read_try_config("lenet", tmp_path / "configs")
+    write_try_configs(params, tmp_path / "configs")
+    path = tmp_path / "configs" / "lenet.yaml"
+    path.write_text(path.read_text().replace("epochs: 12", "epochs: twelve"))
+    with pytest.raises(ParamsError, match="lenet.yaml.epochs: got 'twelve'"):
+        read_try_config("lenet", tmp_path / "configs")

@@ -16,7 +16,7 @@ from stages.train import train
 from tests.conftest import dvc, edit_params, make_project, run
 
 pytestmark = pytest.mark.e2e
-TRIES = ["lenet", "lenet2", "lenet2_aug"]
+TRIES = ["lenet", "lenet2", "lenet2_aug", "airbench"]
 
 
 def stages_run(output):
@@ -37,7 +37,7 @@ def reproduced(tmp_path_factory, http_server, small_archive):
 
 def test_repro_runs_every_stage_and_writes_outputs(reproduced):
     project, result = reproduced
-    assert stages_run(result.stdout) == ["download", *(f"train@{t}" for t in TRIES), "report"]
+    assert set(stages_run(result.stdout)) == {"download", "configure", *(f"train@{t}" for t in TRIES), "report"}
     for name in TRIES:
         with open(project / "plots" / name / "history.csv") as f:
             rows = list(csv.DictReader(f))
@@ -134,10 +134,26 @@ def test_exp_run_augment_all_retrains_plain_tries_and_plots_diff(reproduced):
     assert image_revisions == {"HEAD", "augment-all"}
 
 
+@pytest.mark.parametrize(
+    "change, retrained",
+    [
+        ("augment.rotation=5", ["lenet2_aug"]),  # the post's recipe: only the try that uses it
+        ("train.lr=0.002", ["lenet", "lenet2", "lenet2_aug"]),  # airbench sets its own lr
+        ("tries.airbench.lookahead=0.9", ["airbench"]),
+    ],
+)
+def test_a_try_retrains_only_when_its_own_config_changes(reproduced, change, retrained):
+    project, _ = reproduced
+    run(["git", "checkout", "--", "."], cwd=project)  # back to the baseline, whatever earlier tests ran
+    dvc("checkout", "--force", cwd=project)
+    result = dvc("exp", "run", "-S", change, cwd=project)
+    assert sorted(stages_run(result.stdout)) == sorted(["configure", *(f"train@{t}" for t in retrained), "report"])
+
+
 def test_added_try_trains_and_is_reported_without_editing_dvc_yaml(reproduced):
     project, _ = reproduced
     result = dvc("exp", "run", "-n", "mine", "-S", "+tries.mine={model: lenet, lr: 0.002}", cwd=project)
-    assert stages_run(result.stdout) == ["train@mine", "report"]
+    assert stages_run(result.stdout) == ["configure", "train@mine", "report"]
     shown = json.loads(dvc("metrics", "show", "--json", cwd=project).stdout)
     assert "metrics/mine.json" in next(iter(shown.values()))["data"]
     assert (project / "plots" / "report" / "mine_curves.png").exists()

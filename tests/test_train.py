@@ -26,7 +26,7 @@ from stages.train import (
     train_one_epoch,
 )
 from tests.cifar_archive import batch_files
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SMALL_DATA_TRIES
 
 QUICK = {"epochs": 2, "batch_size": 64}  # 64 does not divide 1,000: the last batch is partial
 
@@ -48,13 +48,13 @@ def without_time(metrics):
 
 
 def run_try(params, dataset, directory, name, **overrides):
-    config = {**resolve_try(params, name), **QUICK, **overrides}
+    config = {**resolve_try(params, name), **QUICK, **SMALL_DATA_TRIES.get(name, {}), **overrides}
     outputs = outputs_for(name)
     outputs = type(outputs)(*(directory / path for path in outputs))
     return train(config, params["augment"], dataset, outputs, name), outputs
 
 
-@pytest.mark.parametrize("name", ["lenet", "lenet2", "lenet2_aug"])
+@pytest.mark.parametrize("name", ["lenet", "lenet2", "lenet2_aug", "airbench"])
 def test_a_try_learns_and_writes_every_output(tmp_path, params, dataset, name):
     metrics, outputs = run_try(params, dataset, tmp_path, name)
     assert metrics["val"]["acc"] > 50  # chance is 10%

@@ -1,0 +1,148 @@
+"""The ladder from the 3rd try to the 4th: one change per rung, each rung trained with 3 seeds.
+
+Every rung is a set of overrides of the airbench try (`tries.airbench.*`), so a queued
+experiment retrains that try alone. `queue` puts every rung and seed in DVC's queue;
+`dvc queue start` runs them; `table` reads `dvc exp show --json` and prints the table:
+validation accuracy (mean ± std over seeds) and training seconds per rung.
+
+    python -m experiments.ladder queue [--seeds 0 1 2] [--rungs 0 1 2 3 4 5]
+    dvc queue start                    # one at a time: rungs run for minutes each, and timings stay fair
+    python -m experiments.ladder table # prints a Markdown table
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+
+TRY = "airbench"
+PREFIX = "ladder"
+SEEDS = (0, 1, 2)
+POST_RECIPE = {  # the 3rd try: LeNet_2, Adam, the post's augmentation; every other ingredient off
+    "model": "lenet2", "batch_size": 100, "optimizer": "adam", "lr": 0.001, "momentum": 0.0, "nesterov": False,
+    "weight_decay": 0.0, "norm_bias_lr": 1.0, "warmup": 0.0, "lr_start": 1.0, "lr_end": 1.0,
+    "label_smoothing": 0.0, "lookahead": 0.0, "augment": True, "flip": False, "translate": 0, "tta": "none",
+}  # fmt: skip
+# (name, what the rung adds, the keys it changes); each rung keeps the changes of the rungs before it.
+RUNGS = [
+    ("lenet2_aug", "the 3rd try: LeNet_2, Adam, the post's augmentation", {}),
+    ("batchnorm", "+ BatchNorm after each convolution", {"model": "lenet2_bn"}),
+    ("airbench_net", "+ airbench's net (whitening, 2 convolutions per block, GELU)", {"model": "airbench"}),
+    (
+        "sgd_schedule",
+        "+ SGD-Nesterov, batch 500, warm-up then linear decay, label smoothing 0.2",
+        {
+            "batch_size": 500,
+            "optimizer": "sgd",
+            "lr": 0.7324,
+            "momentum": 0.85,
+            "nesterov": True,
+            "weight_decay": 0.00133,
+            "norm_bias_lr": 64.0,
+            "warmup": 0.23,
+            "lr_start": 0.2,
+            "lr_end": 0.07,
+            "label_smoothing": 0.2,
+        },
+    ),  # fmt: skip
+    (
+        "flip_translate",
+        "+ flip and 2-pixel translate instead of the post's augmentation",
+        {"augment": False, "flip": True, "translate": 2},
+    ),  # fmt: skip
+    (
+        "lookahead_tta",
+        "+ weight averaging and test-time flips and shifts (the 4th try)",
+        {"lookahead": 0.95, "tta": "flip_translate"},
+    ),  # fmt: skip
+]
+
+
+def rung_config(index):
+    """The airbench try's keys at rung index: the 3rd try's, with the changes of rungs 1..index."""
+    config = dict(POST_RECIPE)
+    for _, _, changes in RUNGS[: index + 1]:
+        config.update(changes)
+    return config
+
+
+def experiment_name(index, seed):
+    return f"{PREFIX}-{index}-{RUNGS[index][0]}-seed{seed}"
+
+
+def overrides(index, seed):
+    """dvc exp run's -S arguments for one rung and seed."""
+    settings = {**rung_config(index), "seed": seed}
+    return [arg for key, value in settings.items() for arg in ("-S", f"tries.{TRY}.{key}={json.dumps(value)}")]
+
+
+def queue(rungs, seeds):
+    for index in rungs:
+        for seed in seeds:
+            name = experiment_name(index, seed)
+            subprocess.run(["dvc", "exp", "run", "--queue", "-n", name, *overrides(index, seed)], check=True)
+            print(f"queued {name}")
+
+
+def read_experiments(shown):
+    """{experiment name: metrics of the try} from `dvc exp show --json` output."""
+    found = {}
+    for commit in shown:
+        for experiment in commit.get("experiments") or []:
+            for rev in experiment["revs"]:
+                metrics = (rev.get("data") or {}).get("metrics") or {}
+                result = metrics.get(f"metrics/{TRY}.json", {}).get("data")
+                if rev.get("name") and result:
+                    found[rev["name"]] = result
+    return found
+
+
+def ladder_rows(found, seeds=SEEDS):
+    """One row per rung with every seed finished: name, what it adds, accuracies and seconds per seed."""
+    rows = []
+    for index, (name, adds, _) in enumerate(RUNGS):
+        runs = [found.get(experiment_name(index, seed)) for seed in seeds]
+        if all(runs):
+            rows.append((index, name, adds, [r["val"]["acc"] for r in runs], [r["seconds"] for r in runs]))
+    return rows
+
+
+def format_table(rows):
+    lines = [
+        "| rung | change | val. accuracy (%), mean ± std | seeds | training s (mean) |",
+        "|---|---|---|---|---|",
+    ]
+    for index, _, adds, accuracies, seconds in rows:
+        spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+        lines.append(
+            f"| {index} | {adds} | {statistics.mean(accuracies):.2f} ± {spread:.2f} | "
+            f"{', '.join(f'{a:.2f}' for a in accuracies)} | {statistics.mean(seconds):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def table(seeds):
+    shown = subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout
+    rows = ladder_rows(read_experiments(json.loads(shown)), seeds)
+    if not rows:
+        print(f"no rung has all of seeds {list(seeds)} finished yet; see `dvc queue status`", file=sys.stderr)
+        return 1
+    print(format_table(rows))
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["queue", "table"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--rungs", type=int, nargs="+", default=list(range(len(RUNGS))), choices=range(len(RUNGS)))
+    args = parser.parse_args(argv)
+    if args.action == "queue":
+        queue(args.rungs, args.seeds)
+        return 0
+    return table(args.seeds)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The ladder: its first rung is the 3rd try, its last the 4th, and the table reads `dvc exp show --json`."""
+
+from experiments.ladder import (
+    RUNGS,
+    experiment_name,
+    format_table,
+    ladder_rows,
+    overrides,
+    read_experiments,
+    rung_config,
+)
+from stages.params import load_params, resolve_try
+from tests.conftest import ROOT
+
+PARAMS = load_params(ROOT / "params.yaml")
+
+
+def effective(name):
+    return {
+        key: value for key, value in resolve_try(PARAMS, name).items() if key not in ("seed", "epochs", "device", "amp")
+    }
+
+
+def test_the_ladder_climbs_from_the_third_try_to_the_fourth():
+    first = {key: value for key, value in rung_config(0).items()}
+    assert {**effective("lenet2_aug"), **first} == effective("lenet2_aug")
+    assert {**effective("airbench"), **rung_config(len(RUNGS) - 1)} == effective("airbench")
+    assert set(rung_config(0)) == set(effective("airbench"))  # every rung sets every key it could change
+
+
+def test_each_rung_changes_keys_of_the_try_and_its_seed():
+    arguments = overrides(3, seed=2)
+    assert arguments[::2] == ["-S"] * (len(arguments) // 2)
+    assert "tries.airbench.seed=2" in arguments and 'tries.airbench.optimizer="sgd"' in arguments
+    assert "tries.airbench.nesterov=true" in arguments
+
+
+def exp_show(results):
+    """What `dvc exp show --json` gives for experiments with these airbench metrics."""
+    revs = [
+        {"name": name, "data": {"metrics": {"metrics/airbench.json": {"data": data}}}} for name, data in results.items()
+    ]
+    return [{"rev": "workspace"}, {"rev": "abc", "experiments": [{"revs": [rev]} for rev in revs]}]
+
+
+def test_the_table_shows_mean_and_std_of_rungs_whose_seeds_all_finished():
+    results = {
+        experiment_name(0, 0): {"val": {"acc": 71.0}, "seconds": 100.0},
+        experiment_name(0, 1): {"val": {"acc": 72.0}, "seconds": 110.0},
+        experiment_name(0, 2): {"val": {"acc": 73.0}, "seconds": 120.0},
+        experiment_name(1, 0): {"val": {"acc": 75.0}, "seconds": 100.0},  # seeds 1 and 2 still queued
+    }
+    rows = ladder_rows(read_experiments(exp_show(results)))
+    assert [row[0] for row in rows] == [0]
+    table = format_table(rows)
+    assert "| 0 | the 3rd try" in table and "| 72.00 ± 1.00 | 71.00, 72.00, 73.00 | 110 |" in table

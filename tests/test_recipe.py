@@ -1,0 +1,130 @@
+"""The recipe's ingredients: the optimizer's groups, the lr schedule, weight averaging, test-time views,
+and that each one at its default trains exactly as the code without it."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from stages.data import Split
+from stages.models import build_model
+from stages.params import TRAIN_SCHEMA, load_params
+from stages.recipe import Lookahead, LrSchedule, build_optimizer, predict
+from stages.train import build_augmentation, evaluate, normalise, train_one_epoch
+from tests.conftest import ROOT
+
+DEFAULTS = load_params(ROOT / "params.yaml")["train"]
+
+
+def sgd_config(**changes):
+    return {**DEFAULTS, "optimizer": "sgd", "momentum": 0.9, "lr": 0.1, "weight_decay": 0.01, **changes}
+
+
+def test_schedule_warms_up_then_decays_linearly():
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5)
+    schedule = LrSchedule(optimizer, sgd_config(warmup=0.25, lr_start=0.2, lr_end=0.1), total_steps=100)
+    expected = {0: 0.2, 5: 0.2 + 0.8 * 5 / 25, 25: 1.0, 50: 1 - 0.9 * 25 / 74, 98: 1 - 0.9 * 73 / 74, 99: 0.1}
+    for step, factor in expected.items():
+        assert schedule.factor(step) == pytest.approx(factor)
+    lrs = []
+    for _ in range(100):
+        schedule.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(0.5 * 0.2) and lrs[25] == pytest.approx(0.5) and lrs[99] == pytest.approx(0.5 * 0.1)
+
+
+def test_the_default_schedule_leaves_the_lr_alone():
+    optimizer = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=0.001)
+    schedule = LrSchedule(optimizer, DEFAULTS, total_steps=10)
+    for _ in range(10):
+        schedule.step()
+        assert optimizer.param_groups[0]["lr"] == 0.001
+
+
+def test_norm_biases_get_their_own_lr_and_the_same_decay_per_step():
+    model = build_model("airbench")
+    optimizer = build_optimizer(sgd_config(norm_bias_lr=64, nesterov=True), model)
+    biases, others = optimizer.param_groups
+    norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+    assert {id(p) for p in biases["params"]} == norm_biases and len(biases["params"]) == 6
+    assert not norm_biases & {id(p) for p in others["params"]}
+    assert all(p.requires_grad for p in others["params"]) and id(model.whiten.weight) not in map(id, others["params"])
+    assert biases["lr"] == pytest.approx(6.4) and others["lr"] == 0.1 and others["nesterov"]
+    assert biases["lr"] * biases["weight_decay"] == pytest.approx(others["lr"] * others["weight_decay"])
+
+
+def test_lookahead_pulls_weights_to_their_average_every_5_steps_and_ends_on_it():
+    model = nn.Linear(1, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    lookahead = Lookahead(model, decay=0.9, total_steps=12)
+    weight, average = 0.0, 0.0
+    for step in range(1, 13):
+        with torch.no_grad():
+            model.weight += 1.0  # what an optimizer step might do
+        weight += 1.0
+        lookahead.step()
+        if step % 5 == 0:
+            decay = 0.9**5 * (step / 12) ** 3
+            average = weight = decay * average + (1 - decay) * weight
+        if step == 12:  # the last: the model keeps the average, which has not seen steps 11 and 12
+            weight = average
+        assert model.weight.item() == pytest.approx(weight), step
+    assert 0 < average < 10
+
+
+class Asymmetric(nn.Module):
+    """Logits that tell an image from its mirror image: the left half's mean against the right half's."""
+
+    def forward(self, x):
+        left, right = x[..., :16].mean(dim=(1, 2, 3)), x[..., 16:].mean(dim=(1, 2, 3))
+        return torch.stack([left, right, x[:, 0, 0, 0]], dim=1)
+
+
+def test_flip_tta_averages_the_image_and_its_mirror():
+    images = torch.randn(4, 3, 32, 32)
+    model = Asymmetric()
+    assert torch.equal(predict(model, images, "none"), model(images))
+    flipped = 0.5 * (model(images) + model(images.flip(-1)))
+    assert torch.allclose(predict(model, images, "flip"), flipped)
+    assert not torch.allclose(flipped, model(images))
+    padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+    shifted = [padded[..., :32, :32], padded[..., 2:, 2:]]
+    views = [images, images.flip(-1)] + [v.flip(-1) if f else v for v in shifted for f in (False, True)]
+    weights = [0.25, 0.25, 0.125, 0.125, 0.125, 0.125]
+    expected = sum(w * model(v) for w, v in zip(weights, views, strict=True))
+    assert torch.allclose(predict(model, images, "flip_translate"), expected, atol=1e-6)
+
+
+def test_new_keys_at_their_defaults_train_exactly_as_the_code_without_them():
+    """Adam, no label smoothing, a constant schedule, no averaging, no views: the loop as it was, bit for bit."""
+    assert build_augmentation(DEFAULTS, None, torch.Generator()) is None
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (130, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    split = Split(images, torch.randint(0, 10, (130,), generator=generator))
+    results = []
+    for with_recipe in (True, False):
+        torch.manual_seed(0)
+        model = build_model("lenet2")
+        if with_recipe:
+            optimizer = build_optimizer(DEFAULTS, model)
+            extra = {"label_smoothing": DEFAULTS["label_smoothing"], "schedule": LrSchedule(optimizer, DEFAULTS, 9)}
+        else:
+            optimizer, extra = torch.optim.Adam(model.parameters(), lr=DEFAULTS["lr"]), {}
+        order = torch.Generator().manual_seed(1)
+        fit = [train_one_epoch(model, optimizer, split, 50, order, **extra) for _ in range(3)]
+        if with_recipe:
+            predictions = evaluate(model, split, tta=DEFAULTS["tta"])["predictions"]
+        else:
+            model.eval()
+            with torch.no_grad():
+                predictions = model(normalise(images)).argmax(1)
+        results.append((fit, predictions, [p.detach().clone() for p in model.parameters()]))
+    (fit_a, predictions_a, weights_a), (fit_b, predictions_b, weights_b) = results
+    assert fit_a == fit_b and torch.equal(predictions_a, predictions_b)
+    assert all(torch.equal(a, b) for a, b in zip(weights_a, weights_b, strict=True))
+
+
+def test_every_new_train_key_defaults_to_leaving_its_ingredient_out():
+    new = {"nesterov": False, "norm_bias_lr": 1.0, "warmup": 0.0, "lr_start": 1.0, "lr_end": 1.0,
+           "label_smoothing": 0.0, "lookahead": 0.0, "flip": False, "translate": 0, "tta": "none"}  # fmt: skip
+    assert {key: DEFAULTS[key] for key in new} == new and set(new) <= set(TRAIN_SCHEMA)
