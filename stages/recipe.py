@@ -13,7 +13,6 @@ import torch
 from torch.nn import functional as F
 
 LOOKAHEAD_EVERY = 5  # optimizer steps between two averagings: each costs a pass over every weight
-TTA_MODES = ("none", "flip", "flip_translate")
 
 
 def build_optimizer(config, model):

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from stages.errors import ParamsError
 from stages.models import MODELS
-from stages.params import AUGMENT_SCHEMA, DEVICES, OPTIMIZERS, TRAIN_SCHEMA, check_params, load_params
+from stages.params import AUGMENT_SCHEMA, DEVICES, OPTIMIZERS, TRAIN_SCHEMA, TTA_MODES, check_params, load_params
 
 positive_ints = st.integers(1, 10_000)
 positive_floats = st.floats(1e-8, 10, allow_nan=False)
@@ -17,8 +17,18 @@ TRAIN_VALUES = {
     "lr": positive_floats,
     "optimizer": st.sampled_from(OPTIMIZERS),
     "momentum": non_negative_floats,
+    "nesterov": st.just(False),  # true is valid only with sgd and a momentum: test_params checks that pairing
     "weight_decay": non_negative_floats,
+    "norm_bias_lr": positive_floats,
+    "warmup": st.floats(0, 1),
+    "lr_start": non_negative_floats,
+    "lr_end": non_negative_floats,
+    "label_smoothing": st.floats(0, 0.99),
+    "lookahead": st.floats(0, 0.99),
     "augment": st.booleans(),
+    "flip": st.booleans(),
+    "translate": st.integers(0, 16),
+    "tta": st.sampled_from(TTA_MODES),
     "seed": st.integers(0, 2**31),
     "device": st.sampled_from(DEVICES),
     "amp": st.booleans(),
@@ -47,7 +57,7 @@ valid_params = st.fixed_dictionaries({
 
 # Values no key accepts, whatever its type: each must be reported with the key that holds it.
 wrong_values = st.one_of(
-    st.text(max_size=5).filter(lambda s: s not in DEVICES + OPTIMIZERS + tuple(MODELS)),
+    st.text(max_size=5).filter(lambda s: s not in DEVICES + OPTIMIZERS + TTA_MODES + tuple(MODELS)),
     st.lists(st.integers(), max_size=2),
     st.just({"nested": 1}),
     st.integers(max_value=-1),
