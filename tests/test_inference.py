@@ -100,7 +100,7 @@ BROKEN = {
     ),
     "unknown-model": (
         lambda path: save_checkpoint(path, config={"model": "resnet"}),
-        r"config.model is 'resnet'; models are lenet, lenet2",
+        rf"config.model is 'resnet'; models are {', '.join(MODELS)}$",
     ),
     "no-class-names": (lambda path: save_checkpoint(path, classes=[]), r"classes must be a list of class names"),
     "other-models-weights": (
