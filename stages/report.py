@@ -1,10 +1,12 @@
 """Stage `report`: draw every try's figures with matplotlib into plots/report/.
 
-Reads data/cifar10/ (for the sample grid), params.yaml's `tries`, and
-models/<try>.pt of each try (its per-epoch history). Writes:
-  plots/report/samples.png          20 training images with their labels, as in the post
-  plots/report/<try>_curves.png     loss and accuracy per epoch, training vs validation
-  plots/report/val_acc_by_try.png   every try's validation accuracy per epoch
+Reads data/cifar10/ (the sample grid, and the test images each try classifies here),
+params.yaml's `tries`, and models/<try>.pt of each try (its model and per-epoch history). Writes:
+  plots/report/samples.png            20 training images with their labels, as in the post
+  plots/report/<try>_curves.png       loss and accuracy per epoch, training vs validation
+  plots/report/val_acc_by_try.png     every try's validation accuracy per epoch
+  plots/report/accuracy_by_class.png  every try's accuracy on each class of the test images, side by side
+  plots/report/<try>_mistakes.png     the test images the try gets most confidently wrong
 
     python -m stages.report
 """
@@ -19,11 +21,13 @@ import torch  # noqa: E402
 
 from stages.data import DATASET_DIR, load_dataset  # noqa: E402
 from stages.errors import PipelineError, exits_cleanly  # noqa: E402
+from stages.inference import load_checkpoint, predict_probabilities, test_time_views  # noqa: E402
 from stages.outputs import atomic_dir, outputs_for  # noqa: E402
 from stages.params import load_params  # noqa: E402
 
 REPORT_DIR = Path("plots/report")
 SAMPLE_COUNT = 20
+MISTAKE_ROWS, MISTAKE_COLUMNS = 4, 6  # the grid of most confidently wrong test images
 
 
 def draw_samples(dataset, path):
@@ -63,27 +67,78 @@ def draw_comparison(histories, path):
     save(fig, path)
 
 
+def draw_class_accuracy(accuracies, overall, classes, path):
+    """Grouped bars: one group per class, one bar per try, so that tries compare class by class."""
+    fig, ax = plt.subplots(figsize=(13, 5))
+    width = 0.8 / len(accuracies)
+    for k, (name, accuracy) in enumerate(accuracies.items()):
+        offsets = torch.arange(len(classes)) + (k - (len(accuracies) - 1) / 2) * width
+        ax.bar(offsets.tolist(), accuracy.tolist(), width, label=f"{name} ({overall[name]:.1f}% overall)")
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set(ylabel="accuracy (%)", ylim=(0, 100), title="Accuracy per class on the test images, by try")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
+    save(fig, path)
+
+
+def draw_mistakes(name, split, probabilities, classes, path):
+    """The test images the try gets most confidently wrong, each titled "true → predicted (probability)"."""
+    shown = confident_mistakes(probabilities, split.labels, MISTAKE_ROWS * MISTAKE_COLUMNS)
+    fig = plt.figure(figsize=(2.3 * MISTAKE_COLUMNS, 2.5 * MISTAKE_ROWS + 0.5))
+    for k, index in enumerate(shown.tolist()):
+        ax = fig.add_subplot(MISTAKE_ROWS, MISTAKE_COLUMNS, k + 1, xticks=[], yticks=[])
+        ax.imshow(split.images[index].permute(1, 2, 0).numpy(), interpolation="nearest")  # its own 32x32 pixels
+        confidence, predicted = probabilities[index].max(0)
+        ax.set_title(f"{classes[split.labels[index]]} → {classes[predicted]} ({100 * confidence:.1f}%)", fontsize=9)
+    fig.suptitle(f"{name}: the {len(shown)} test images it gets most confidently wrong (true → predicted)")
+    save(fig, path)
+
+
+def class_accuracy(probabilities, labels, num_classes):
+    """Accuracy (%) on the images of each class: (num_classes,)."""
+    right = (probabilities.argmax(1) == labels).float()
+    counts = torch.bincount(labels, minlength=num_classes).clamp(min=1)
+    return 100 * torch.bincount(labels, weights=right, minlength=num_classes) / counts
+
+
+def confident_mistakes(probabilities, labels, count):
+    """Indices of up to count wrongly classified images, the most confident first."""
+    confidence, predicted = probabilities.max(1)
+    wrong = (predicted != labels).nonzero().flatten()
+    return wrong[confidence[wrong].argsort(descending=True, stable=True)[:count]]
+
+
 def save(fig, path):
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=80)
     plt.close(fig)
 
 
-def load_history(name):
+def load_try(name):
     path = outputs_for(name).model
     if not path.exists():
         raise PipelineError(f"{path} is missing; run `dvc repro train@{name}` first")
-    return torch.load(path, map_location="cpu", weights_only=True)["history"]
+    return load_checkpoint(path)
 
 
 def report(try_names, dataset, out_dir=REPORT_DIR):
-    histories = {name: load_history(name) for name in try_names}
+    checkpoints = {name: load_try(name) for name in try_names}
+    test, classes = dataset.test, dataset.classes
+    probabilities = {
+        name: predict_probabilities(c.model, test.images, test_time_views(c)) for name, c in checkpoints.items()
+    }
+    accuracies = {name: class_accuracy(p, test.labels, len(classes)) for name, p in probabilities.items()}
+    overall = {name: 100 * (p.argmax(1) == test.labels).float().mean().item() for name, p in probabilities.items()}
     with atomic_dir(out_dir) as partial:
         draw_samples(dataset, partial / "samples.png")
-        for name, history in histories.items():
-            draw_curves(name, history, partial / f"{name}_curves.png")
-        draw_comparison(histories, partial / "val_acc_by_try.png")
-    print(f"wrote {out_dir}: {len(histories) + 2} figures")
+        for name, checkpoint in checkpoints.items():
+            draw_curves(name, checkpoint.history, partial / f"{name}_curves.png")
+            draw_mistakes(name, test, probabilities[name], classes, partial / f"{name}_mistakes.png")
+        draw_comparison({name: c.history for name, c in checkpoints.items()}, partial / "val_acc_by_try.png")
+        draw_class_accuracy(accuracies, overall, classes, partial / "accuracy_by_class.png")
+    for name, accuracy in accuracies.items():
+        print(f"{name}: " + ", ".join(f"{c} {a:.1f}%" for c, a in zip(classes, accuracy.tolist(), strict=True)))
+    print(f"wrote {out_dir}: {2 * len(checkpoints) + 3} figures")
 
 
 @exits_cleanly

@@ -1,4 +1,5 @@
-"""Shared fixtures: small archives in the official layout, a loopback HTTP server, a temporary project."""
+"""Shared fixtures: small archives in the official layout, a loopback HTTP server, a temporary project,
+a small trained try."""
 
 import functools
 import http.server
@@ -10,8 +11,13 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from stages.data import Dataset, Split, read_archive_batches
+from stages.outputs import TryOutputs, outputs_for
+from stages.params import load_params, resolve_try
+from stages.train import train
 from tests.cifar_archive import batch_files, write_archive
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,3 +119,22 @@ def project(tmp_path, http_server, small_archive):
     """A fresh project whose data.url is the small archive on the loopback server."""
     path, md5 = small_archive
     return make_project(tmp_path / "project", f"{http_server}/{path.name}", md5)
+
+
+@pytest.fixture(scope="session")
+def learnable_dataset():
+    """The small archive's 1,000 + 300 images as training loads them (uint8 tensors)."""
+    arrays = read_archive_batches(batch_files())
+    as_split = lambda split: Split(torch.from_numpy(split.images), torch.from_numpy(split.labels))  # noqa: E731
+    return Dataset(as_split(arrays.train), as_split(arrays.test), arrays.classes)
+
+
+@pytest.fixture(scope="session")
+def trained_try(tmp_path_factory, learnable_dataset):
+    """The outputs of try lenet trained for 2 epochs on learnable_dataset, as the train stage writes them."""
+    directory = tmp_path_factory.mktemp("trained")
+    params = load_params(ROOT / "params.yaml")
+    config = {**resolve_try(params, "lenet"), **E2E_TRAIN}
+    outputs = TryOutputs(*(directory / path for path in outputs_for("lenet")))
+    train(config, params["augment"], learnable_dataset, outputs, "lenet")
+    return outputs

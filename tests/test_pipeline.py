@@ -3,6 +3,8 @@
 import csv
 import json
 import re
+import shutil
+import subprocess
 import time
 
 import pytest
@@ -14,9 +16,12 @@ from stages.outputs import TryOutputs, outputs_for
 from stages.params import resolve_try
 from stages.train import train
 from tests.conftest import dvc, edit_params, make_project, run
+from tests.test_plots_page import external_scripts
 
 pytestmark = pytest.mark.e2e
 TRIES = ["lenet", "lenet2", "lenet2_aug", "airbench"]
+# The Vega charts on the plots page: dvc.yaml's two overlays and each try's confusion matrix.
+PAGE_PLOTS = ["validation accuracy", "validation loss", *(f"{t} confusion matrix" for t in TRIES)]
 
 
 def stages_run(output):
@@ -37,7 +42,13 @@ def reproduced(tmp_path_factory, http_server, small_archive):
 
 def test_repro_runs_every_stage_and_writes_outputs(reproduced):
     project, result = reproduced
-    assert set(stages_run(result.stdout)) == {"download", "configure", *(f"train@{t}" for t in TRIES), "report"}
+    assert set(stages_run(result.stdout)) == {
+        "download",
+        "configure",
+        *(f"train@{t}" for t in TRIES),
+        "report",
+        "plots_page",
+    }
     for name in TRIES:
         with open(project / "plots" / name / "history.csv") as f:
             rows = list(csv.DictReader(f))
@@ -47,7 +58,10 @@ def test_repro_runs_every_stage_and_writes_outputs(reproduced):
             assert len(list(csv.DictReader(f))) == 300
         assert (project / "models" / f"{name}.pt").stat().st_size > 0
         assert (project / "plots" / "report" / f"{name}_curves.png").exists()
-    assert {"samples.png", "val_acc_by_try.png"} <= {p.name for p in (project / "plots" / "report").iterdir()}
+        assert (project / "plots" / "report" / f"{name}_mistakes.png").exists()
+    figures = {p.name for p in (project / "plots" / "report").iterdir()}
+    assert {"samples.png", "val_acc_by_try.png", "accuracy_by_class.png"} <= figures
+    assert (project / "plots" / "page_template.html").stat().st_size > 500_000  # Vega, Vega-Lite, vega-embed
 
 
 def test_metrics_show_lists_every_try_and_training_learns(reproduced):
@@ -66,6 +80,34 @@ def test_second_repro_runs_nothing(reproduced):
     result = dvc("repro", cwd=project)
     assert stages_run(result.stdout) == []
     assert "up to date" in result.stdout
+
+
+def test_the_plots_page_needs_no_network(reproduced):
+    project, _ = reproduced
+    for command in ("show", "diff"):
+        page = project / f"page-{command}"
+        dvc("plots", command, "-o", str(page), cwd=project)
+        html = (page / "index.html").read_text()
+        assert not external_scripts(html), command
+        bundle = re.search(r"<script[^>]*>(.*?)</script>", html, re.S).group(1)  # the page's first script
+        assert all(f"window.{name}=" in bundle for name in ("vega", "vegaLite", "vegaEmbed")), command
+        plots = re.findall(r"vegaEmbed\('#(\w+)'", html)
+        assert len(plots) == len(PAGE_PLOTS) and html.index(bundle) < html.index("vegaEmbed('#"), command
+
+
+def test_the_plots_page_draws_every_chart_in_a_browser_without_a_network(reproduced):
+    browser = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    if browser is None:
+        pytest.skip("no Chromium to open the page with (apt-get install chromium)")
+    project, _ = reproduced
+    dvc("plots", "show", cwd=project)
+    page = (project / "dvc_plots" / "index.html").as_uri()
+    # A proxy that does not exist: a page that still fetched Vega from the network would stay blank.
+    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--proxy-server=127.0.0.1:9",
+               "--virtual-time-budget=10000", "--dump-dom", page]  # fmt: skip
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
+    drawn = re.findall(r'<(?:svg|canvas)[^>]*class="marks"', dom)
+    assert len(drawn) == len(PAGE_PLOTS), dom[-2000:]
 
 
 def exp_show(project):

@@ -1,4 +1,5 @@
-"""The report stage: the post's figures, one set per try, from the checkpoints' histories."""
+"""The report stage: the post's figures, one set per try, from the checkpoints' histories, and what each try
+gets wrong: accuracy per class and its most confident mistakes."""
 
 import numpy as np
 import pytest
@@ -7,8 +8,9 @@ from PIL import Image
 
 from stages.data import Dataset, Split
 from stages.errors import PipelineError
+from stages.models import build_model
 from stages.outputs import outputs_for
-from stages.report import report
+from stages.report import class_accuracy, confident_mistakes, report
 
 CLASSES = [f"class{i}" for i in range(10)]
 
@@ -26,7 +28,8 @@ def write_checkpoint(name, epochs):
                for e in range(1, epochs + 1)]  # fmt: skip
     path = outputs_for(name).model
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": {}, "config": {}, "classes": CLASSES, "history": history}, path)
+    state = build_model("lenet").state_dict()  # untrained: it gets some images wrong
+    torch.save({"state_dict": state, "config": {"model": "lenet"}, "classes": CLASSES, "history": history}, path)
 
 
 def test_report_draws_the_grid_each_try_and_the_comparison(tmp_path, monkeypatch, dataset):
@@ -35,10 +38,25 @@ def test_report_draws_the_grid_each_try_and_the_comparison(tmp_path, monkeypatch
     write_checkpoint("mine", 2)
     report(["lenet", "mine"], dataset, tmp_path / "plots" / "report")
     figures = {p.name: Image.open(p) for p in (tmp_path / "plots" / "report").iterdir()}
-    assert set(figures) == {"samples.png", "lenet_curves.png", "mine_curves.png", "val_acc_by_try.png"}
+    per_try = {f"{name}_{figure}.png" for name in ("lenet", "mine") for figure in ("curves", "mistakes")}
+    assert set(figures) == {"samples.png", "val_acc_by_try.png", "accuracy_by_class.png", *per_try}
     assert all(f.format == "PNG" and f.width > 300 for f in figures.values())
-    pixels = np.asarray(figures["samples.png"].convert("RGB")).reshape(-1, 3)
-    assert (pixels == [255, 0, 0]).all(axis=1).sum() > 1000  # the images' own red, exactly
+    for name in ("samples.png", "lenet_mistakes.png"):
+        pixels = np.asarray(figures[name].convert("RGB")).reshape(-1, 3)
+        assert (pixels == [255, 0, 0]).all(axis=1).sum() > 1000, name  # the images' own red, exactly
+
+
+def test_accuracy_per_class_counts_each_classs_own_images():
+    probabilities = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.6, 0.4, 0.0], [0.3, 0.3, 0.4], [0.5, 0.5, 0.0]])
+    labels = torch.tensor([0, 1, 1, 1, 0])  # class 0: 2 of 2 right (a tie goes to the first); class 1: 1 of 3
+    assert class_accuracy(probabilities, labels, 3).tolist() == pytest.approx([100.0, 100 / 3, 0.0])
+
+
+def test_confident_mistakes_are_the_wrong_answers_most_confident_first():
+    probabilities = torch.tensor([[0.7, 0.3], [0.1, 0.9], [0.95, 0.05], [0.4, 0.6], [0.2, 0.8], [0.99, 0.01]])
+    labels = torch.tensor([1, 1, 1, 0, 0, 0])  # wrong: 0 (0.7), 2 (0.95), 3 (0.6), 4 (0.8); 1 and 5 are right
+    assert confident_mistakes(probabilities, labels, 3).tolist() == [2, 4, 0]
+    assert confident_mistakes(probabilities, labels, 10).tolist() == [2, 4, 0, 3]
 
 
 def test_a_missing_checkpoint_names_the_stage_to_run(tmp_path, monkeypatch, dataset):

@@ -11,7 +11,6 @@ from PIL import Image
 from torchvision import transforms
 
 from stages import train as train_module
-from stages.data import Dataset, Split, read_archive_batches
 from stages.models import build_model
 from stages.params import load_params, resolve_try
 from stages.train import (
@@ -25,17 +24,14 @@ from stages.train import (
     train,
     train_one_epoch,
 )
-from tests.cifar_archive import batch_files
 from tests.conftest import ROOT, SMALL_DATA_TRIES
 
 QUICK = {"epochs": 2, "batch_size": 64}  # 64 does not divide 1,000: the last batch is partial
 
 
 @pytest.fixture(scope="module")
-def dataset():
-    arrays = read_archive_batches(batch_files())
-    as_split = lambda split: Split(torch.from_numpy(split.images), torch.from_numpy(split.labels))  # noqa: E731
-    return Dataset(as_split(arrays.train), as_split(arrays.test), arrays.classes)
+def dataset(learnable_dataset):
+    return learnable_dataset
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,133 @@
+"""A trained try as a model that predicts: checkpoint in, class probabilities out.
+
+Shared by `python -m stages.predict` and the report stage, so that both see a try's
+predictions the same way, and a change to how a model predicts lands in one place.
+
+    checkpoint = load_checkpoint("models/lenet2.pt")    # written by stages/train.py
+    probabilities = predict_probabilities(checkpoint.model, images)  # uint8 (B, 3, 32, 32) -> (B, 10)
+
+A checkpoint is read with torch.load(weights_only=True): tensors, numbers, strings, lists
+and dicts only, so a file whose pickle would run code is refused without running it.
+"""
+
+import pickle
+import re
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch.nn import functional as F
+
+from stages.errors import PipelineError
+from stages.models import MODELS, build_model
+from stages.recipe import predict
+from stages.train import EVAL_BATCH, normalise
+
+CHECKPOINT_KEYS = ("state_dict", "config", "classes", "history")
+
+
+class CheckpointError(PipelineError):
+    """A checkpoint that is missing, unreadable, or not one that stages/train.py writes."""
+
+
+class Checkpoint(NamedTuple):
+    model: torch.nn.Module  # on the CPU, in eval mode
+    config: dict  # the try's effective config; config["model"] names the model in stages.models.MODELS
+    classes: list
+    history: list  # one dict per epoch, as in plots/<try>/history.csv
+
+
+def load_checkpoint(path):
+    """The model of a checkpoint written by stages/train.py, ready to predict, with what it was saved with."""
+    path = Path(path)
+    contents = read_checkpoint(path)
+    if not isinstance(contents, dict):
+        raise CheckpointError(f"{path}: holds a {type(contents).__name__}, not a checkpoint of stages/train.py")
+    missing = [key for key in CHECKPOINT_KEYS if key not in contents]
+    if missing:
+        raise CheckpointError(
+            f"{path}: lacks {', '.join(missing)}; a checkpoint of stages/train.py holds {', '.join(CHECKPOINT_KEYS)}"
+        )
+    config, classes = contents["config"], contents["classes"]
+    if not isinstance(config, dict) or config.get("model") not in MODELS:
+        found = config.get("model") if isinstance(config, dict) else config
+        raise CheckpointError(f"{path}: config.model is {found!r}; models are {', '.join(MODELS)}")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise CheckpointError(f"{path}: classes must be a list of class names, found {classes!r}")
+    model = build_model(config["model"], len(classes))
+    load_weights(model, contents["state_dict"], path)
+    model.to(memory_format=torch.channels_last).eval()  # the layout training evaluated in: same rounding
+    return Checkpoint(model, config, classes, contents["history"])
+
+
+def read_checkpoint(path):
+    """torch.load(weights_only=True), its failures turned into messages that say what is wrong with the file."""
+    try:
+        with warnings.catch_warnings():
+            # It warns about pickle protocols before refusing the file anyway; the refusal says more.
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: a directory, not a checkpoint") from None
+    except PermissionError as error:
+        raise CheckpointError(f"{path}: cannot be read ({error.strerror})") from None
+    except pickle.UnpicklingError as error:
+        if "weights only load failed" not in str(error).lower():
+            raise CheckpointError(f"{path}: not a readable checkpoint ({first_sentence(error)})") from None
+        culprit = re.search(r"(?:GLOBAL|class) ([\w.]+)", str(error))
+        what = f"asks for {culprit.group(1)}" if culprit else "holds more than tensors and plain data"
+        raise CheckpointError(
+            f"{path}: refused: it {what}, which a checkpoint of stages/train.py never does; "
+            "loading it could run code, so nothing in it was run"
+        ) from None
+    except Exception as error:  # a cut-short zip, an empty file, text: torch.load raises many kinds
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint, truncated or not written by torch.save ({first_sentence(error)})"
+        ) from None
+
+
+def first_sentence(error):
+    text = str(error).strip().split(". ")[0].splitlines()[0] if str(error).strip() else "no detail"
+    return f"{type(error).__name__}: {text}"
+
+
+def load_weights(model, state_dict, path):
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"{path}: state_dict must map parameter names to tensors")
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    wrong_shape = [key for key in expected if key in state_dict and state_dict[key].shape != expected[key].shape]
+    problems = [
+        f"{label} {', '.join(keys)}"
+        for label, keys in (("lacks", missing), ("has unknown", unexpected), ("has wrong shapes for", wrong_shape))
+        if keys
+    ]
+    if problems:
+        name = type(model).__name__
+        raise CheckpointError(f"{path}: its weights do not fit {name}: it {'; it '.join(problems)}")
+    model.load_state_dict(state_dict)
+
+
+def test_time_views(checkpoint):
+    """The views the try's final evaluation averaged (checkpoints written before they existed: none)."""
+    return checkpoint.config.get("tta", "none")
+
+
+@torch.no_grad()
+def predict_probabilities(model, images, tta="none", batch_size=EVAL_BATCH):
+    """uint8 images (B > 0, 3, 32, 32) -> float32 class probabilities (B, classes) on the CPU, in eval mode.
+
+    Batched as evaluation in training is, normalised by the same function and averaged over the same
+    test-time views (tta, the try's config["tta"]), so that the class with the highest probability is
+    the prediction training recorded in plots/<try>/predictions.csv.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    parts = images.split(batch_size)
+    return torch.cat(
+        [F.softmax(predict(model, normalise(part.to(device)), tta).float(), dim=1).cpu() for part in parts]
+    )

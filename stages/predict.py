@@ -1,0 +1,126 @@
+"""A trained try's top 3 classes for your own images (a command, not a pipeline stage).
+
+Reads a checkpoint that the train stage wrote (models/<try>.pt) and PNG or JPEG images of any
+size and mode. Each image is turned upright (its EXIF orientation), laid on white where it is
+transparent, converted to RGB and resized to 32x32 as the post's Resize((32, 32)) does (PIL's
+bilinear, antialiased), then normalised as in training. Prints a table, or JSON with --json.
+
+    python -m stages.predict models/lenet2.pt cat.jpg dog.png
+    python -m stages.predict models/lenet2.pt photos/*.jpg --json
+
+A missing or unreadable image is named and the others are still classified; the exit status
+is then 1. A bad checkpoint stops everything before any image is read.
+"""
+
+import argparse
+import json
+import sys
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from stages.errors import PipelineError, exits_cleanly
+from stages.inference import load_checkpoint, predict_probabilities, test_time_views
+
+IMAGE_SIZE = (32, 32)  # what the models take, and what the post resizes to
+TOP = 3  # classes shown per image
+WHITE = (255, 255, 255)
+
+
+class ImageError(PipelineError):
+    """An image that cannot be classified: missing, unreadable, or not an image."""
+
+
+def load_image(path):
+    """uint8 (3, 32, 32) of the image at path, as the post's Resize((32, 32)) on a PIL image gives it."""
+    try:
+        with Image.open(path) as image:
+            rgb = to_rgb(ImageOps.exif_transpose(image))
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: a directory, not an image") from None
+    except PermissionError as error:
+        raise ImageError(f"{path}: cannot be read ({error.strerror})") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image (PNG or JPEG expected)") from None
+    except Image.DecompressionBombError as error:
+        raise ImageError(f"{path}: too large to read safely ({error})") from None
+    except (OSError, SyntaxError, ValueError) as error:  # what PIL raises on a damaged or cut-short file
+        raise ImageError(f"{path}: damaged or truncated image ({error})") from None
+    resized = rgb.resize(IMAGE_SIZE, Image.Resampling.BILINEAR)  # torchvision's Resize does exactly this on PIL
+    return torch.from_numpy(np.array(resized)).permute(2, 0, 1)  # (32, 32, 3) -> (3, 32, 32)
+
+
+def to_rgb(image):
+    """RGB of any mode; transparent parts are laid on white, as a viewer shows them, not on hidden pixels."""
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*WHITE, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def predict(checkpoint, paths):
+    """One entry per path, in order: {"image", "top": [{"class", "probability"}, ...]} or {"image", "error"}."""
+    results, images = [], []
+    for path in paths:
+        try:
+            images.append(load_image(path))
+            results.append({"image": str(path)})
+        except ImageError as error:
+            results.append({"image": str(path), "error": str(error)})
+    classified = [result for result in results if "error" not in result]
+    if classified:
+        probabilities = predict_probabilities(checkpoint.model, torch.stack(images), test_time_views(checkpoint))
+        values, indices = probabilities.topk(min(TOP, probabilities.shape[1]), dim=1)
+        for result, row_values, row_indices in zip(classified, values.tolist(), indices.tolist(), strict=True):
+            result["top"] = [
+                {"class": checkpoint.classes[i], "probability": round(p, 6)}
+                for p, i in zip(row_values, row_indices, strict=True)
+            ]
+    return results
+
+
+def format_table(results):
+    shown = [result for result in results if "top" in result]
+    width = max(len(c["class"]) for result in shown for c in result["top"])
+    rows = [["image", *(f"top {k + 1}" for k in range(TOP))]]
+    for result in shown:
+        cells = [f"{c['class']:<{width}} {100 * c['probability']:5.1f}%" for c in result["top"]]
+        rows.append([result["image"], *cells])
+    widths = [max(len(cell) for cell in column) for column in zip(*rows, strict=True)]
+    return "\n".join("   ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def describe(path, checkpoint):
+    """One line on which model answers: its try's model and its last validation accuracy."""
+    history = checkpoint.history
+    accuracy = f", {history[-1]['val_acc']:.2f}% on the test images" if history and "val_acc" in history[-1] else ""
+    return f"{path}: {checkpoint.config['model']}, {len(history)} epochs{accuracy}"
+
+
+@exits_cleanly
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.predict", description="Top 3 classes of a trained try for each image."
+    )
+    parser.add_argument("checkpoint", help="a model the train stage wrote, e.g. models/lenet2.pt")
+    parser.add_argument("images", nargs="+", help="PNG or JPEG files, any size")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
+    args = parser.parse_args(argv)
+    checkpoint = load_checkpoint(args.checkpoint)
+    results = predict(checkpoint, args.images)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    elif any("top" in result for result in results):
+        print(describe(args.checkpoint, checkpoint))
+        print(format_table(results))
+    errors = [result["error"] for result in results if "error" in result]
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Checkpoints back into models, and models' class probabilities: what predict and the report stage share."""
+
+import csv
+import os
+import pickle
+import re
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from stages.inference import CheckpointError, load_checkpoint, predict_probabilities
+from stages.models import MODELS, build_model
+from stages.train import normalise
+from tests.cifar_archive import CLASSES
+
+
+class RunsACommand:
+    """Unpickling this calls os.system: what a hostile checkpoint would do."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def save_checkpoint(path, model_name="lenet", **changes):
+    """A checkpoint as stages/train.py writes it, of an untrained model, with some entries changed."""
+    torch.manual_seed(0)
+    state = build_model(model_name).state_dict()
+    contents = {"state_dict": state, "config": {"model": model_name, "epochs": 1}, "classes": CLASSES, "history": []}
+    torch.save({**contents, **changes}, path)
+    return path
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_registered_model_loads_and_predicts_what_it_computes(tmp_path, name):
+    checkpoint = load_checkpoint(save_checkpoint(tmp_path / "try.pt", name))
+    assert type(checkpoint.model) is MODELS[name] and not checkpoint.model.training
+    assert checkpoint.classes == CLASSES and checkpoint.config["model"] == name
+    images = torch.randint(0, 256, (7, 3, 32, 32), dtype=torch.uint8)
+    probabilities = predict_probabilities(checkpoint.model, images, batch_size=3)  # batches of 3, 3 and 1
+    torch.manual_seed(0)
+    reference = build_model(name).eval()
+    expected = F.softmax(reference(normalise(images)), dim=1)
+    assert probabilities.shape == (7, 10) and torch.allclose(probabilities, expected, atol=1e-6)
+    assert torch.allclose(probabilities.sum(1), torch.ones(7))
+
+
+def test_the_top_class_is_the_prediction_training_recorded(trained_try, learnable_dataset):
+    checkpoint = load_checkpoint(trained_try.model)
+    predicted = predict_probabilities(checkpoint.model, learnable_dataset.test.images).argmax(1)
+    with open(trained_try.predictions) as f:
+        recorded = [CLASSES.index(row["predicted"]) for row in csv.DictReader(f)]
+    assert predicted.tolist() == recorded
+    assert len(checkpoint.history) == 2
+
+
+def hostile(path, marker):
+    torch.save({"state_dict": {}, "config": RunsACommand(f"touch {marker}")}, path)
+
+
+def hostile_plain_pickle(path, marker):
+    path.write_bytes(pickle.dumps({"state_dict": RunsACommand(f"touch {marker}")}, protocol=2))
+
+
+@pytest.mark.parametrize("write", [hostile, hostile_plain_pickle], ids=["torch.save", "plain-pickle"])
+def test_a_checkpoint_that_would_run_a_command_is_refused_and_nothing_runs(tmp_path, write):
+    marker = tmp_path / "ran"
+    write(tmp_path / "evil.pt", marker)
+    with pytest.raises(CheckpointError, match=r"evil.pt: refused: it .*nothing in it was run") as refused:
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+    if write is hostile:
+        assert "posix.system" in str(refused.value) or "nt.system" in str(refused.value)
+
+
+def truncated(path):
+    save_checkpoint(path)
+    path.write_bytes(path.read_bytes()[:4000])
+
+
+def cut_near_its_end(path):
+    save_checkpoint(path)
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+BROKEN = {
+    "missing": (lambda path: None, r"no such checkpoint"),
+    "a-directory": (lambda path: path.mkdir(), r"a directory, not a checkpoint"),
+    "empty": (lambda path: path.write_bytes(b""), r"not a readable checkpoint, truncated"),
+    "truncated": (truncated, r"not a readable checkpoint, truncated"),
+    "cut-near-its-end": (cut_near_its_end, r"not a readable checkpoint, truncated"),
+    "text": (lambda path: path.write_text("hello\n"), r"not a readable checkpoint"),
+    "a-list": (lambda path: torch.save([1, 2], path), r"holds a list, not a checkpoint of stages/train.py"),
+    "lacks-keys": (
+        lambda path: torch.save({"state_dict": {}, "config": {"model": "lenet"}}, path),
+        r"lacks classes, history; a checkpoint of stages/train.py holds state_dict, config, classes, history",
+    ),
+    "unknown-model": (
+        lambda path: save_checkpoint(path, config={"model": "resnet"}),
+        rf"config.model is 'resnet'; models are {', '.join(MODELS)}$",
+    ),
+    "no-class-names": (lambda path: save_checkpoint(path, classes=[]), r"classes must be a list of class names"),
+    "other-models-weights": (
+        lambda path: save_checkpoint(path, "lenet2", config={"model": "lenet"}),
+        r"its weights do not fit LeNet: it has unknown conv3.weight, conv3.bias; it has wrong shapes for conv1.weight",
+    ),
+    "wrong-shapes": (
+        lambda path: save_checkpoint(path, classes=CLASSES[:5]),
+        r"its weights do not fit LeNet: it has wrong shapes for fc2.weight, fc2.bias",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", BROKEN)
+def test_a_broken_checkpoint_says_what_is_wrong(tmp_path, name):
+    write, message = BROKEN[name]
+    path = tmp_path / "try.pt"
+    write(path)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: {message}"):
+        load_checkpoint(path)

@@ -1,0 +1,157 @@
+"""`python -m stages.predict`: known images through a small trained try, image handling, and every error."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from stages.inference import load_checkpoint, predict_probabilities
+from stages.predict import load_image, main
+from tests.conftest import ROOT, tool_env
+from tests.test_inference import hostile
+
+POST_RESIZE = transforms.Resize((32, 32))  # the post's, applied to a PIL image
+
+
+@pytest.fixture(scope="module")
+def test_images(tmp_path_factory, learnable_dataset):
+    """Ten test images of the learnable dataset as PNG files (lossless, 32x32), with their indices."""
+    directory = tmp_path_factory.mktemp("images")
+    paths = {}
+    for index in range(10):
+        path = directory / f"test-{index}.png"
+        Image.fromarray(learnable_dataset.test.images[index].permute(1, 2, 0).numpy()).save(path)
+        paths[path] = index
+    return paths
+
+
+def run_main(capsys, *args):
+    """(exit status, stdout, stderr) of main(args) as the command line would give them."""
+    with pytest.raises(SystemExit) as exited:
+        sys.exit(main([str(arg) for arg in args]))
+    captured = capsys.readouterr()
+    return exited.value.code, captured.out, captured.err
+
+
+def test_known_images_get_the_trained_models_own_probabilities(capsys, trained_try, learnable_dataset, test_images):
+    status, out, err = run_main(capsys, trained_try.model, *test_images, "--json")
+    assert status == 0 and err == ""
+    results = json.loads(out)
+    assert [r["image"] for r in results] == [str(path) for path in test_images]
+    model = load_checkpoint(trained_try.model).model
+    expected = predict_probabilities(model, learnable_dataset.test.images[: len(test_images)])
+    classes = learnable_dataset.classes
+    for result, row in zip(results, expected, strict=True):
+        top = row.topk(3)
+        assert [c["class"] for c in result["top"]] == [classes[i] for i in top.indices]
+        assert [c["probability"] for c in result["top"]] == pytest.approx(top.values.tolist(), abs=1e-6)
+    right = sum(r["top"][0]["class"] == classes[learnable_dataset.test.labels[i]] for i, r in enumerate(results))
+    assert right >= 6  # the try learned the classes' colours (chance: 1 in 10)
+
+
+def test_the_table_shows_each_image_with_three_classes(capsys, trained_try, test_images):
+    status, out, err = run_main(capsys, trained_try.model, *list(test_images)[:2])
+    lines = out.splitlines()
+    assert status == 0 and err == ""
+    assert lines[0].startswith(f"{trained_try.model}: lenet, 2 epochs, ") and lines[0].endswith("% on the test images")
+    assert lines[1].split() == ["image", "top", "1", "top", "2", "top", "3"]
+    for line, path in zip(lines[2:], test_images, strict=False):
+        assert line.startswith(str(path)) and line.count("%") == 3
+    assert len(lines) == 4
+
+
+def save(image, path, **options):
+    image.save(path, **options)
+    return path
+
+
+def photo(size, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda d: save(photo((200, 150)), d / "big.jpg", quality=90),
+        lambda d: save(photo((20, 45)), d / "small.png"),
+        lambda d: save(photo((64, 64)).convert("L"), d / "grey.png"),
+        lambda d: save(photo((50, 40)).convert("P", palette=Image.Palette.ADAPTIVE), d / "palette.png"),
+        lambda d: save(photo((33, 31)).convert("CMYK"), d / "cmyk.jpg"),
+    ],
+    ids=["big-jpeg", "small-png", "grey", "palette", "cmyk"],
+)
+def test_any_image_becomes_what_the_posts_resize_gives(tmp_path, make):
+    path = make(tmp_path)
+    with Image.open(path) as image:
+        expected = np.asarray(POST_RESIZE(image.convert("RGB")))
+    loaded = load_image(path)
+    assert loaded.dtype == torch.uint8 and loaded.shape == (3, 32, 32)
+    assert np.array_equal(loaded.permute(1, 2, 0).numpy(), expected)
+
+
+def test_transparent_parts_are_white_not_the_pixels_hidden_under_them(tmp_path):
+    pixels = np.zeros((32, 32, 4), np.uint8)
+    pixels[..., 0] = 255  # red everywhere, but the left half is fully transparent
+    pixels[:, 16:, 3] = 255
+    loaded = load_image(save(Image.fromarray(pixels, "RGBA"), tmp_path / "cutout.png"))
+    assert (loaded[:, :, :16] == 255).all()  # white
+    assert (loaded[0, :, 16:] == 255).all() and (loaded[1:, :, 16:] == 0).all()  # red
+
+
+def test_a_photo_is_turned_upright_by_its_exif_orientation(tmp_path):
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20, 0] = 255  # stored: red left, blue right
+    pixels[:, 20:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: red on top
+    loaded = load_image(save(Image.fromarray(pixels), tmp_path / "phone.jpg", exif=exif, quality=95)).int()
+    assert (loaded[0, :12] > 200).all() and (loaded[2, :12] < 60).all()
+    assert (loaded[2, 20:] > 200).all() and (loaded[0, 20:] < 60).all()
+
+
+def truncated_jpeg(directory):
+    path = save(photo((64, 64)), directory / "cut.jpg")
+    path.write_bytes(path.read_bytes()[:300])
+    return path
+
+
+BAD_IMAGES = {
+    "missing": (lambda d: d / "nothing.png", "no such file"),
+    "not-an-image": (lambda d: (d / "notes.png").write_text("hello") and d / "notes.png", "not an image"),
+    "truncated": (truncated_jpeg, "damaged or truncated image"),
+    "a-directory": (lambda d: (d / "folder").mkdir() or d / "folder", "a directory, not an image"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_IMAGES)
+def test_a_bad_image_is_named_and_the_others_still_classified(capsys, tmp_path, trained_try, test_images, name):
+    make, message = BAD_IMAGES[name]
+    bad = make(tmp_path)
+    good = list(test_images)[:2]
+    status, out, err = run_main(capsys, trained_try.model, good[0], bad, good[1], "--json")
+    results = json.loads(out)
+    assert status == 1
+    assert [r["image"] for r in results] == [str(good[0]), str(bad), str(good[1])]
+    assert "top" in results[0] and "top" in results[2] and results[1]["error"].startswith(f"{bad}: {message}")
+    assert err.splitlines() == [f"error: {results[1]['error']}"]
+
+
+def test_a_bad_checkpoint_stops_before_any_image(capsys, tmp_path, test_images):
+    status, out, err = run_main(capsys, tmp_path / "models" / "nothing.pt", *test_images)
+    assert status == 1 and out == ""
+    assert err == f"error: {tmp_path / 'models' / 'nothing.pt'}: no such checkpoint\n"
+
+
+def test_the_command_refuses_a_hostile_checkpoint_without_running_it_or_a_traceback(tmp_path, test_images):
+    marker = tmp_path / "ran"
+    hostile(tmp_path / "evil.pt", marker)
+    command = [sys.executable, "-m", "stages.predict", str(tmp_path / "evil.pt"), str(next(iter(test_images)))]
+    result = subprocess.run(command, cwd=ROOT, env=tool_env(), capture_output=True, text=True)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith(f"error: {tmp_path / 'evil.pt'}: refused: it asks for ")
+    assert "Traceback" not in result.stderr and not marker.exists()
