@@ -2,11 +2,14 @@
 
 import functools
 import http.server
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -76,8 +79,9 @@ def dvc(*args, cwd, check=True):
     return run([sys.executable, "-m", "dvc", *args], cwd=cwd, check=check)
 
 
-def make_project(dest, url, md5, train=E2E_TRAIN):
-    """A git repo holding a copy of the project, its params pointing at url."""
+def make_project(dest, url, md5, train=E2E_TRAIN, tries=None):
+    """A git repo holding a copy of the project, its params pointing at url; tries, if given, names
+    the entries of params.yaml's tries to keep."""
     for name in PROJECT_FILES:
         source, target = ROOT / name, dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -86,10 +90,44 @@ def make_project(dest, url, md5, train=E2E_TRAIN):
         else:
             shutil.copy(source, target)
     edit_params(dest, lambda p: (p["data"].update(url=url, md5=md5), p["train"].update(train)))
+    if tries is not None:
+        edit_params(dest, lambda p: p.update(tries={name: p["tries"][name] for name in tries}))
     run(["git", "init", "-q"], cwd=dest)
     run(["git", "add", "-A"], cwd=dest)
     run(["git", "commit", "-qm", "project"], cwd=dest)
     return dest
+
+
+def stages_run(output):
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+def exp_show(project):
+    """{experiment name: (params, metrics)} from `dvc exp show --json`."""
+    experiments = {}
+    for commit in json.loads(dvc("exp", "show", "--json", cwd=project).stdout):
+        for experiment in commit.get("experiments") or []:
+            for rev in experiment["revs"]:
+                data = rev["data"]
+                metrics = {path: value["data"] for path, value in data["metrics"].items()}
+                experiments[rev["name"]] = (data["params"]["params.yaml"]["data"], metrics)
+    return experiments
+
+
+def without_time(metrics):
+    return {key: value for key, value in metrics.items() if key != "seconds"}
+
+
+def run_queue(project, jobs=2, timeout=600):
+    """`dvc queue start -j jobs`, then waits until nothing is queued or running."""
+    dvc("queue", "start", "-j", str(jobs), cwd=project)
+    try:
+        deadline = time.monotonic() + timeout
+        while re.search(r"\b(Queued|Running)\b", dvc("queue", "status", cwd=project).stdout):
+            assert time.monotonic() < deadline, f"queued experiments did not finish in {timeout} s"
+            time.sleep(3)
+    finally:
+        dvc("queue", "stop", cwd=project, check=False)
 
 
 def edit_params(project, change):
