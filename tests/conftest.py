@@ -22,6 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore"]
 # Small enough for seconds per stage, large enough that accuracy means something.
 E2E_TRAIN = {"epochs": 2, "batch_size": 50}
+# The loopback S3 endpoint's bucket and the made-up keys it accepts.
+S3_BUCKET = "cifar10-tries"
+S3_REGION = "us-east-1"
+S3_KEYS = {"access_key_id": "testing", "secret_access_key": "testing"}  # as DVC's remote options
 # `git commit` and `dvc exp run` need an identity, which a fresh CI machine lacks.
 GIT_IDENTITY = {
     f"GIT_{role}_{field}": value
@@ -59,11 +63,31 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """An S3 endpoint on 127.0.0.1 (moto's server, in this process) holding an empty bucket S3_BUCKET;
+    yields its URL."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    keys = {f"aws_{name}": value for name, value in S3_KEYS.items()}
+    client = boto3.client("s3", endpoint_url=url, region_name=S3_REGION, **keys)
+    client.create_bucket(Bucket=S3_BUCKET)
+    yield url
+    server.stop()
+
+
 def tool_env():
     """The environment for the commands tests run: this interpreter's bin/ first on PATH (so DVC's
-    `python` is ours), unbuffered output, no analytics, and a git identity."""
+    `python` is ours), unbuffered output, no analytics, a git identity, and no AWS instance-metadata
+    look-up (botocore's fallback for missing keys, which would leave 127.0.0.1)."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    return {**os.environ, "PATH": path, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1", **GIT_IDENTITY}
+    quiet = {"DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1", "AWS_EC2_METADATA_DISABLED": "true"}
+    return {**os.environ, "PATH": path, **quiet, **GIT_IDENTITY}
 
 
 def run(args, cwd, check=True):
