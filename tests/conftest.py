@@ -3,11 +3,14 @@ a small trained try."""
 
 import functools
 import http.server
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,10 @@ PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", ".dvc/config", ".dvc/.giti
 E2E_TRAIN = {"epochs": 2, "batch_size": 50}
 # The 4th try's own batch of 500 would make 2 steps an epoch of the small archives' 1,000 images.
 SMALL_DATA_TRIES = {"airbench": {"batch_size": 100, "lr": 0.15}}
+# The loopback S3 endpoint's bucket and the made-up keys it accepts.
+S3_BUCKET = "cifar10-tries"
+S3_REGION = "us-east-1"
+S3_KEYS = {"access_key_id": "testing", "secret_access_key": "testing"}  # as DVC's remote options
 # `git commit` and `dvc exp run` need an identity, which a fresh CI machine lacks.
 GIT_IDENTITY = {
     f"GIT_{role}_{field}": value
@@ -64,11 +71,31 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """An S3 endpoint on 127.0.0.1 (moto's server, in this process) holding an empty bucket S3_BUCKET;
+    yields its URL."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    keys = {f"aws_{name}": value for name, value in S3_KEYS.items()}
+    client = boto3.client("s3", endpoint_url=url, region_name=S3_REGION, **keys)
+    client.create_bucket(Bucket=S3_BUCKET)
+    yield url
+    server.stop()
+
+
 def tool_env():
     """The environment for the commands tests run: this interpreter's bin/ first on PATH (so DVC's
-    `python` is ours), unbuffered output, no analytics, and a git identity."""
+    `python` is ours), unbuffered output, no analytics, a git identity, and no AWS instance-metadata
+    look-up (botocore's fallback for missing keys, which would leave 127.0.0.1)."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    return {**os.environ, "PATH": path, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1", **GIT_IDENTITY}
+    quiet = {"DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1", "AWS_EC2_METADATA_DISABLED": "true"}
+    return {**os.environ, "PATH": path, **quiet, **GIT_IDENTITY}
 
 
 def run(args, cwd, check=True):
@@ -84,8 +111,9 @@ def dvc(*args, cwd, check=True):
     return run([sys.executable, "-m", "dvc", *args], cwd=cwd, check=check)
 
 
-def make_project(dest, url, md5, train=E2E_TRAIN):
-    """A git repo holding a copy of the project, its params pointing at url."""
+def make_project(dest, url, md5, train=E2E_TRAIN, tries=None):
+    """A git repo holding a copy of the project, its params pointing at url; tries, if given, names
+    the entries of params.yaml's tries to keep."""
     for name in PROJECT_FILES:
         source, target = ROOT / name, dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -101,10 +129,44 @@ def make_project(dest, url, md5, train=E2E_TRAIN):
             params["tries"][name].update(settings)
 
     edit_params(dest, for_small_data)
+    if tries is not None:
+        edit_params(dest, lambda p: p.update(tries={name: p["tries"][name] for name in tries}))
     run(["git", "init", "-q"], cwd=dest)
     run(["git", "add", "-A"], cwd=dest)
     run(["git", "commit", "-qm", "project"], cwd=dest)
     return dest
+
+
+def stages_run(output):
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+def exp_show(project):
+    """{experiment name: (params, metrics)} from `dvc exp show --json`."""
+    experiments = {}
+    for commit in json.loads(dvc("exp", "show", "--json", cwd=project).stdout):
+        for experiment in commit.get("experiments") or []:
+            for rev in experiment["revs"]:
+                data = rev["data"]
+                metrics = {path: value["data"] for path, value in data["metrics"].items()}
+                experiments[rev["name"]] = (data["params"]["params.yaml"]["data"], metrics)
+    return experiments
+
+
+def without_time(metrics):
+    return {key: value for key, value in metrics.items() if key != "seconds"}
+
+
+def run_queue(project, jobs=2, timeout=600):
+    """`dvc queue start -j jobs`, then waits until nothing is queued or running."""
+    dvc("queue", "start", "-j", str(jobs), cwd=project)
+    try:
+        deadline = time.monotonic() + timeout
+        while re.search(r"\b(Queued|Running)\b", dvc("queue", "status", cwd=project).stdout):
+            assert time.monotonic() < deadline, f"queued experiments did not finish in {timeout} s"
+            time.sleep(3)
+    finally:
+        dvc("queue", "stop", cwd=project, check=False)
 
 
 def edit_params(project, change):

@@ -5,7 +5,6 @@ import json
 import re
 import shutil
 import subprocess
-import time
 
 import pytest
 import torch
@@ -15,17 +14,22 @@ from stages.download import read_members
 from stages.outputs import TryOutputs, outputs_for
 from stages.params import resolve_try
 from stages.train import train
-from tests.conftest import dvc, edit_params, make_project, run
+from tests.conftest import (
+    dvc,
+    edit_params,
+    exp_show,
+    make_project,
+    run,
+    run_queue,
+    stages_run,
+    without_time,
+)
 from tests.test_plots_page import external_scripts
 
 pytestmark = pytest.mark.e2e
 TRIES = ["lenet", "lenet2", "lenet2_aug", "airbench"]
 # The Vega charts on the plots page: dvc.yaml's two overlays and each try's confusion matrix.
 PAGE_PLOTS = ["validation accuracy", "validation loss", *(f"{t} confusion matrix" for t in TRIES)]
-
-
-def stages_run(output):
-    return re.findall(r"Running stage '([^']+)'", output)
 
 
 @pytest.fixture(scope="module")
@@ -110,22 +114,6 @@ def test_the_plots_page_draws_every_chart_in_a_browser_without_a_network(reprodu
     assert len(drawn) == len(PAGE_PLOTS), dom[-2000:]
 
 
-def exp_show(project):
-    """{experiment name: (params, metrics)} from `dvc exp show --json`."""
-    experiments = {}
-    for commit in json.loads(dvc("exp", "show", "--json", cwd=project).stdout):
-        for experiment in commit.get("experiments") or []:
-            for rev in experiment["revs"]:
-                data = rev["data"]
-                metrics = {path: value["data"] for path, value in data["metrics"].items()}
-                experiments[rev["name"]] = (data["params"]["params.yaml"]["data"], metrics)
-    return experiments
-
-
-def without_time(metrics):
-    return {key: value for key, value in metrics.items() if key != "seconds"}
-
-
 QUEUED = {"seed1": "++tries.lenet.seed=1", "seed2": "++tries.lenet.seed=2", "augment-lenet": "tries.lenet.augment=true"}
 
 
@@ -133,14 +121,7 @@ def test_queued_experiments_run_two_at_a_time_each_with_its_own_metrics(reproduc
     project, _ = reproduced
     for name, change in QUEUED.items():
         dvc("exp", "run", "--queue", "-n", name, "-S", change, cwd=project)
-    dvc("queue", "start", "-j", "2", cwd=project)
-    try:
-        deadline = time.monotonic() + 300
-        while re.search(r"\b(Queued|Running)\b", dvc("queue", "status", cwd=project).stdout):
-            assert time.monotonic() < deadline, "queued experiments did not finish in 5 minutes"
-            time.sleep(3)
-    finally:
-        dvc("queue", "stop", cwd=project, check=False)
+    run_queue(project, jobs=2)
     experiments = exp_show(project)
     baseline = {t: json.loads((project / "metrics" / f"{t}.json").read_text()) for t in TRIES}
     dataset = read_archive_batches(read_members(small_archive[0]))

@@ -1,0 +1,46 @@
+"""End to end: a grid of experiments queued with DVC's own sweep syntax, run by its queue, read back."""
+
+import csv
+import io
+import json
+
+import pytest
+
+from tests.conftest import dvc, exp_show, make_project, run_queue, without_time
+
+pytestmark = pytest.mark.e2e
+# Every point differs from the project's own lr 0.001 and seed 0, so every point trains: none is
+# restored from the run-cache, and no two may come out the same.
+LRS = [0.0005, 0.002]
+SEEDS = [1, 2]
+
+
+@pytest.fixture
+def lean_project(tmp_path, http_server, small_archive):
+    """One try for one epoch: each queued experiment runs the whole pipeline in its own copy."""
+    path, md5 = small_archive
+    url = f"{http_server}/{path.name}"
+    return make_project(tmp_path / "project", url, md5, train={"epochs": 1, "batch_size": 100}, tries=["lenet"])
+
+
+def test_a_queued_grid_runs_every_point_with_its_own_params_and_metrics(lean_project):
+    sweep = ["-S", f"train.lr={','.join(map(str, LRS))}", "-S", f"train.seed={','.join(map(str, SEEDS))}"]
+    queued = dvc("exp", "run", "--queue", *sweep, cwd=lean_project)
+    assert queued.stdout.count("Queued experiment") == len(LRS) * len(SEEDS), queued.stdout
+    run_queue(lean_project, jobs=2)
+
+    points = {}
+    for params, metrics in exp_show(lean_project).values():
+        points[params["train"]["lr"], params["train"]["seed"]] = without_time(metrics["metrics/lenet.json"])
+    assert sorted(points) == [(lr, seed) for lr in LRS for seed in SEEDS]
+    assert len({json.dumps(final, sort_keys=True) for final in points.values()}) == len(points), points
+
+    # The README's readable table: the swept params and the accuracy, best first.
+    readable = ["--drop", ".*", "--keep", r"Experiment|.*val\.acc|train\.(lr|seed)"]
+    order = ["--sort-by", "metrics/lenet.json:val.acc", "--sort-order", "desc"]
+    table = dvc("exp", "show", *readable, *order, "--csv", cwd=lean_project)
+    rows = [row for row in csv.DictReader(io.StringIO(table.stdout)) if row["Experiment"]]  # baselines have none
+    assert set(rows[0]) == {"Experiment", "val.acc", "train.lr", "train.seed"}
+    assert sorted((float(row["train.lr"]), int(row["train.seed"])) for row in rows) == sorted(points)
+    accuracies = [float(row["val.acc"]) for row in rows]
+    assert accuracies == sorted(accuracies, reverse=True)
