@@ -36,7 +36,7 @@ def test_a_queued_grid_runs_every_point_with_its_own_params_and_metrics(lean_pro
     assert len({json.dumps(final, sort_keys=True) for final in points.values()}) == len(points), points
 
     # The README's readable table: the swept params and the accuracy, best first.
-    readable = ["--drop", ".*", "--keep", r"Experiment|.*val\.acc|train\.(lr|seed)"]
+    readable = ["--drop", ".*", "--keep", r"Experiment|.*val\.acc|train\.(lr|seed)$"]
     order = ["--sort-by", "metrics/lenet.json:val.acc", "--sort-order", "desc"]
     table = dvc("exp", "show", *readable, *order, "--csv", cwd=lean_project)
     rows = [row for row in csv.DictReader(io.StringIO(table.stdout)) if row["Experiment"]]  # baselines have none
