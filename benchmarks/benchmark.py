@@ -34,14 +34,14 @@ from torch.nn import functional as F
 from benchmarks.post_loop import POST_MODELS, post_epoch, post_loaders
 from stages.data import Split, read_archive_batches
 from stages.download import read_members
-from stages.models import build_model, fit_to_data
+from stages.models import build_model
 from stages.params import load_params, resolve_try
 from stages.recipe import build_optimizer
 from stages.train import (
-    FIT_IMAGES,
     build_augmentation,
     build_updates,
     evaluate,
+    fit_first_layer,
     keep_freed_memory,
     normalise,
     on_device,
@@ -78,8 +78,8 @@ def timed(device, function, *args):
 def fresh_model(config, train_split, device, rounds=1):
     """The pipeline's network and what updates it, as stages.train builds them, for rounds epochs of train_split."""
     torch.manual_seed(config["seed"])
-    model = build_model(config["model"]).to(device, memory_format=torch.channels_last)
-    fit_to_data(model, normalise(train_split.images[:FIT_IMAGES]))
+    model = build_model(config["model"], widths=config.get("widths")).to(device, memory_format=torch.channels_last)
+    fit_first_layer(model, train_split)
     steps = rounds * -(-len(train_split.labels) // config["batch_size"])
     return model, build_updates(config, model, steps)
 
@@ -88,7 +88,7 @@ def fresh_post_model(config, device):
     """The post's network as written and its optimizer, Adam(lr), in NCHW; for the 4th try, the pipeline's."""
     torch.manual_seed(config["seed"])
     if config["model"] not in POST_MODELS:
-        model = build_model(config["model"]).to(device)
+        model = build_model(config["model"], widths=config.get("widths")).to(device)
         return model, build_optimizer(config, model)
     model = POST_MODELS[config["model"]]().to(device)
     return model, torch.optim.Adam(model.parameters(), lr=config["lr"])
@@ -96,9 +96,8 @@ def fresh_post_model(config, device):
 
 def pipeline_epoch(config, model, updates, split, generator, augment):
     """stages.train's training epoch with every ingredient of the try's recipe."""
-    train_one_epoch(model, updates.optimizer, split, config["batch_size"], generator, augment,
-                    label_smoothing=config["label_smoothing"], schedule=updates.schedule,
-                    lookahead=updates.lookahead)  # fmt: skip
+    train_one_epoch(model, updates, split, config["batch_size"], generator, augment,
+                    label_smoothing=config["label_smoothing"])  # fmt: skip
 
 
 def measure_try(config, recipe, train, test, device, rounds):

@@ -20,15 +20,19 @@ TRY = "airbench"
 PREFIX = "ladder"
 SEEDS = (0, 1, 2)
 POST_RECIPE = {  # the 3rd try: LeNet_2, Adam, the post's augmentation; every other ingredient off
-    "model": "lenet2", "batch_size": 100, "optimizer": "adam", "lr": 0.001, "momentum": 0.0, "nesterov": False,
-    "weight_decay": 0.0, "norm_bias_lr": 1.0, "warmup": 0.0, "lr_start": 1.0, "lr_end": 1.0,
+    "model": "lenet2", "widths": None, "batch_size": 100, "optimizer": "adam", "lr": 0.001, "momentum": 0.0,
+    "nesterov": False, "weight_decay": 0.0, "norm_bias_lr": 1.0, "warmup": 0.0, "lr_start": 1.0, "lr_end": 1.0,
     "label_smoothing": 0.0, "lookahead": 0.0, "augment": True, "flip": False, "translate": 0, "tta": "none",
 }  # fmt: skip
 # (name, what the rung adds, the keys it changes); each rung keeps the changes of the rungs before it.
 RUNGS = [
     ("lenet2_aug", "the 3rd try: LeNet_2, Adam, the post's augmentation", {}),
     ("batchnorm", "+ BatchNorm after each convolution", {"model": "lenet2_bn"}),
-    ("airbench_net", "+ airbench's net (whitening, 2 convolutions per block, GELU)", {"model": "airbench"}),
+    (
+        "airbench_net",
+        "+ airbench's net (whitening, 2 convolutions per block, GELU)",
+        {"model": "airbench", "widths": [32, 80, 160]},
+    ),  # fmt: skip
     (
         "sgd_schedule",
         "+ SGD-Nesterov, batch 500, warm-up then linear decay, label smoothing 0.2",
@@ -74,7 +78,12 @@ def experiment_name(index, seed):
 def overrides(index, seed):
     """dvc exp run's -S arguments for one rung and seed."""
     settings = {**rung_config(index), "seed": seed}
-    return [arg for key, value in settings.items() for arg in ("-S", f"tries.{TRY}.{key}={json.dumps(value)}")]
+    # null unsets a key (the try then has none, or inherits train's); lists go without spaces, as one argument
+    return [
+        arg
+        for key, value in settings.items()
+        for arg in ("-S", f"tries.{TRY}.{key}={json.dumps(value, separators=(',', ':'))}")
+    ]
 
 
 def queue(rungs, seeds):

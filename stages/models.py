@@ -102,12 +102,11 @@ class Airbench(nn.Module):
     blocks of two convolutions each, global max-pooling and a linear layer scaled down by 9.
     """
 
-    WIDTHS = (24, 64, 128)
+    WIDTHS = (32, 80, 160)  # channels of the three blocks when a try sets no widths
     WHITENING_EPS = 5e-4  # added to the patch covariance's eigenvalues: keeps near-constant directions finite
 
-    def __init__(self, num_classes=10):
+    def __init__(self, num_classes=10, widths=WIDTHS):
         super().__init__()
-        widths = self.WIDTHS
         self.whiten = nn.Conv2d(3, 24, 2)  # 2 x (3 channels x 2 x 2): each whitened direction and its opposite
         self.whiten.weight.requires_grad_(False)
         self.block1 = ConvGroup(24, widths[0])
@@ -140,18 +139,18 @@ class Airbench(nn.Module):
 
 
 MODELS = {"lenet": LeNet, "lenet2": LeNet2, "lenet2_bn": LeNet2BN, "airbench": Airbench}
+MODELS_WITH_WIDTHS = {"airbench": len(Airbench.WIDTHS)}  # models whose channel widths a try may set, and how many
 
 
-def build_model(name, num_classes=10):
+def build_model(name, num_classes=10, widths=None):
+    """A fresh model of MODELS; widths (a list of channel counts) only for MODELS_WITH_WIDTHS, None for the default."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
-    return MODELS[name](num_classes)
-
-
-def fit_to_data(model, images):
-    """Lets a model whose first layer is set from the data (Airbench) see the training images; others ignore them."""
-    if hasattr(model, "fit_to_data"):
-        model.fit_to_data(images)
+    if widths is None:
+        return MODELS[name](num_classes)
+    if name not in MODELS_WITH_WIDTHS:
+        raise ValueError(f"model {name!r} has fixed widths; only {', '.join(MODELS_WITH_WIDTHS)} takes widths")
+    return MODELS[name](num_classes, tuple(widths))
 
 
 def count_parameters(model):

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from stages.errors import ParamsError, PipelineError
-from stages.models import MODELS
+from stages.models import MODELS, MODELS_WITH_WIDTHS
 
 PARAMS_FILE = Path("params.yaml")
 CONFIGS_DIR = Path("configs")
@@ -63,6 +63,11 @@ SCALE_RANGE = Rule(
     lambda v: isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v) and 0 < v[0] <= v[1],
 )
 
+WIDTHS = Rule(
+    "a list of positive integers, one per block of the model, e.g. [24, 64, 128]",
+    lambda v: isinstance(v, list) and bool(v) and all(_is_int(x) and x > 0 for x in v),
+)
+
 DATA_SCHEMA = {"url": TEXT, "md5": MD5}
 TRAIN_SCHEMA = {
     "epochs": POSITIVE_INT,
@@ -95,7 +100,9 @@ AUGMENT_SCHEMA = {
     "contrast": NON_NEGATIVE_NUMBER,
     "saturation": NON_NEGATIVE_NUMBER,
 }
-TRY_SCHEMA = {"model": one_of(*MODELS), **TRAIN_SCHEMA}
+MODEL_SCHEMA = {"model": one_of(*MODELS), "widths": WIDTHS}  # keys of a try only: what it trains, not how
+OPTIONAL_KEYS = {"widths"}  # absent: the model's own widths
+TRY_SCHEMA = {**MODEL_SCHEMA, **TRAIN_SCHEMA}
 SECTIONS = {"data": DATA_SCHEMA, "train": TRAIN_SCHEMA, "augment": AUGMENT_SCHEMA, "tries": None}
 
 
@@ -134,13 +141,25 @@ def check_params(params):
 def check_combination(params, name):
     """Problems of keys that are each allowed but not together, in a try's effective config."""
     config = resolve_try(params, name)
+    problems = []
     if config["nesterov"] and (config["optimizer"] != "sgd" or config["momentum"] == 0):
         where = f"tries.{name}.nesterov" if params["tries"][name].get("nesterov") else "train.nesterov"
-        return [
+        problems.append(
             f"{where}: true needs optimizer sgd and a momentum > 0, got optimizer {config['optimizer']!r} "
             f"and momentum {config['momentum']} for try {name}; set nesterov to false or use sgd with momentum"
-        ]
-    return []
+        )
+    if "widths" in config:
+        model, count = config["model"], MODELS_WITH_WIDTHS.get(config["model"])
+        if count is None:
+            problems.append(
+                f"tries.{name}.widths: model {model!r} has fixed widths; only "
+                f"{', '.join(MODELS_WITH_WIDTHS)} takes widths, so remove the key"
+            )
+        elif len(config["widths"]) != count:
+            problems.append(
+                f"tries.{name}.widths: got {config['widths']!r}; model {model!r} takes {count} widths, one per block"
+            )
+    return problems
 
 
 def check_tries(tries):
@@ -170,7 +189,9 @@ def check_mapping(where, mapping, schema, required):
             problems.append(f"{where}.{key}: got {value!r}; expected {schema[key].allowed}")
     if required:
         problems += [
-            f"{where}.{key}: missing; expected {rule.allowed}" for key, rule in schema.items() if key not in mapping
+            f"{where}.{key}: missing; expected {rule.allowed}"
+            for key, rule in schema.items()
+            if key not in mapping and key not in OPTIONAL_KEYS
         ]
     return problems
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from stages.augment import Augmentation
 from stages.data import DATASET_DIR, Dataset, Split, load_dataset
 from stages.errors import PipelineError, exits_cleanly
-from stages.models import build_model, count_parameters, fit_to_data
+from stages.models import build_model, count_parameters
 from stages.outputs import atomic_path, outputs_for, write_csv, write_json
 from stages.params import read_try_config
 from stages.recipe import Lookahead, LrSchedule, build_optimizer, predict
@@ -112,12 +112,13 @@ class NonFiniteLoss(Exception):
         self.batch, self.value = batch, value
 
 
-def train_one_epoch(model, optimizer, split, batch_size, generator, augment=None, amp=False, desc="train",
-                    label_smoothing=0.0, schedule=None, lookahead=None):  # fmt: skip
+def train_one_epoch(model, updates, split, batch_size, generator, augment=None, amp=False, label_smoothing=0.0,
+                    desc="train"):  # fmt: skip
     """One pass over split in a seeded random order; returns mean loss and accuracy (%) over images.
 
-    The loss is cross-entropy against labels smoothed by label_smoothing. schedule (an LrSchedule)
-    sets the lr before each optimizer step, lookahead (a Lookahead) averages the weights after it.
+    The loss is cross-entropy against labels smoothed by label_smoothing. updates (an Updates) steps
+    its optimizer after each batch; its schedule, when given, sets the lr before the step, its
+    lookahead, when given, averages the weights after it.
     Raises NonFiniteLoss, naming the first batch whose loss is nan or infinite, fewer than CHECK_EVERY
     batches after it.
     """
@@ -134,13 +135,13 @@ def train_one_epoch(model, optimizer, split, batch_size, generator, augment=None
         with mixed_precision(device, amp):
             outputs = model(inputs)
             loss = F.cross_entropy(outputs, labels, label_smoothing=label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
+        updates.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if schedule is not None:
-            schedule.step()
-        optimizer.step()
-        if lookahead is not None:
-            lookahead.step()
+        if updates.schedule is not None:
+            updates.schedule.step()
+        updates.optimizer.step()
+        if updates.lookahead is not None:
+            updates.lookahead.step()
         losses.append(loss.detach())
         predictions.append(outputs.argmax(1))
         if (step + 1) % CHECK_EVERY == 0 or step + 1 == len(batches):
@@ -204,8 +205,9 @@ def train(config, recipe, dataset, outputs, name="try"):
     # Augmentation reads and writes (N, C, H, W); everything else feeds the model channels_last directly.
     train_split = on_device(dataset.train, device, channels_last=augment is None)
     data = Dataset(train_split, on_device(dataset.test, device, channels_last=True), dataset.classes)
-    model = build_model(config["model"], len(dataset.classes)).to(device, memory_format=torch.channels_last)
-    fit_to_data(model, normalise(train_split.images[:FIT_IMAGES]))
+    model = build_model(config["model"], len(dataset.classes), config.get("widths"))
+    model.to(device, memory_format=torch.channels_last)
+    fit_first_layer(model, train_split)
     total_steps = config["epochs"] * math.ceil(len(data.train.labels) / config["batch_size"])
     updates = build_updates(config, model, total_steps)
     if config["amp"] and device.type != "cuda":
@@ -224,12 +226,18 @@ def train(config, recipe, dataset, outputs, name="try"):
     return metrics
 
 
+def fit_first_layer(model, split):
+    """Lets a model whose first layer is set from the data (Airbench) see split's first FIT_IMAGES images."""
+    if hasattr(model, "fit_to_data"):
+        model.fit_to_data(normalise(split.images[:FIT_IMAGES]))
+
+
 class Updates(NamedTuple):
     """What changes the weights at each step: the optimizer, the lr schedule it follows, the weight averaging."""
 
     optimizer: torch.optim.Optimizer
-    schedule: LrSchedule
-    lookahead: Lookahead | None
+    schedule: LrSchedule | None = None
+    lookahead: Lookahead | None = None
 
 
 def build_updates(config, model, total_steps):
@@ -255,9 +263,8 @@ def run_epoch(epoch, model, updates, data, config, generator, augment, name):
     started = time.perf_counter()
     epochs = config["epochs"]
     try:
-        fit = train_one_epoch(model, updates.optimizer, data.train, config["batch_size"], generator, augment,
-                              config["amp"], desc=f"epoch {epoch}/{epochs}", label_smoothing=config["label_smoothing"],
-                              schedule=updates.schedule, lookahead=updates.lookahead)  # fmt: skip
+        fit = train_one_epoch(model, updates, data.train, config["batch_size"], generator, augment, config["amp"],
+                              config["label_smoothing"], desc=f"epoch {epoch}/{epochs}")  # fmt: skip
         # Test-time views cost a pass each: only the final evaluation, the try's result, takes them.
         val = evaluate(model, data.test, config["amp"], config["tta"] if epoch == epochs else "none")
     except NonFiniteLoss as bad:

@@ -22,7 +22,7 @@ def effective(name):
 
 
 def test_the_ladder_climbs_from_the_third_try_to_the_fourth():
-    first = {key: value for key, value in rung_config(0).items()}
+    first = {key: value for key, value in rung_config(0).items() if value is not None}  # null: the key unset
     assert {**effective("lenet2_aug"), **first} == effective("lenet2_aug")
     assert {**effective("airbench"), **rung_config(len(RUNGS) - 1)} == effective("airbench")
     assert set(rung_config(0)) == set(effective("airbench"))  # every rung sets every key it could change
@@ -33,6 +33,7 @@ def test_each_rung_changes_keys_of_the_try_and_its_seed():
     assert arguments[::2] == ["-S"] * (len(arguments) // 2)
     assert "tries.airbench.seed=2" in arguments and 'tries.airbench.optimizer="sgd"' in arguments
     assert "tries.airbench.nesterov=true" in arguments
+    assert "tries.airbench.widths=[32,80,160]" in arguments and "tries.airbench.widths=null" in overrides(1, seed=0)
 
 
 def exp_show(results):

@@ -5,7 +5,7 @@ import torch
 from torch.nn import functional as F
 
 from benchmarks.post_loop import POST_MODELS
-from stages.models import MODELS, build_model, count_parameters
+from stages.models import MODELS, Airbench, build_model, count_parameters
 
 # Counted by hand from the post's layers: conv weights + biases, then fc weights + biases.
 EXPECTED_PARAMETERS = {
@@ -13,14 +13,19 @@ EXPECTED_PARAMETERS = {
     "lenet2": (3 * 16 * 9 + 16) + (16 * 32 * 9 + 32) + (32 * 64 * 9 + 64) + (1024 * 500 + 500) + (500 * 10 + 10),
 }
 EXPECTED_PARAMETERS["lenet2_bn"] = EXPECTED_PARAMETERS["lenet2"] + 2 * (16 + 32 + 64)  # BatchNorm's scale and shift
-# Whitening 2x2 conv with bias; per block two bias-free 3x3 convs, each with a BatchNorm (scale and shift); the head.
-EXPECTED_PARAMETERS["airbench"] = (
-    (24 * 3 * 4 + 24)
-    + sum(
-        c_in * c_out * 9 + 2 * c_out + c_out * c_out * 9 + 2 * c_out for c_in, c_out in ((24, 24), (24, 64), (64, 128))
+
+
+def airbench_parameters(widths):
+    """Whitening 2x2 conv and bias; per block, two bias-free 3x3 convs with a BatchNorm (scale, shift) each; the head"""
+    blocks = zip((24, *widths[:-1]), widths, strict=True)
+    return (
+        (24 * 3 * 4 + 24)
+        + sum(9 * c_in * c_out + 9 * c_out * c_out + 4 * c_out for c_in, c_out in blocks)
+        + 10 * widths[-1]
     )
-    + 128 * 10
-)
+
+
+EXPECTED_PARAMETERS["airbench"] = airbench_parameters(Airbench.WIDTHS)
 WITH_DROPOUT = ["lenet", "lenet2", "lenet2_bn"]
 
 
@@ -69,10 +74,19 @@ def test_airbench_shapes_and_what_it_trains():
     model = build_model("airbench")
     x = torch.zeros(2, 3, 32, 32)
     assert model.whiten(x).shape == (2, 24, 31, 31)
-    assert model.block1(model.whiten(x)).shape == (2, 24, 15, 15)
+    assert model.block1(model.whiten(x)).shape == (2, Airbench.WIDTHS[0], 15, 15)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert "whiten.weight" not in trainable and "block1.norm1.weight" not in trainable
     assert {"whiten.bias", "block1.norm1.bias", "block3.conv2.weight", "head.weight"} <= trainable
+
+
+def test_airbench_takes_the_widths_a_try_sets_and_other_models_refuse_them():
+    model = build_model("airbench", widths=[16, 32, 48])
+    assert count_parameters(model) == airbench_parameters((16, 32, 48))
+    assert model.block3(model.block2(model.block1(model.whiten(torch.zeros(2, 3, 32, 32))))).shape == (2, 48, 3, 3)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="model 'lenet2' has fixed widths; only airbench takes widths"):
+        build_model("lenet2", widths=[16, 32, 64])
 
 
 def test_whitening_decorrelates_the_training_patches():

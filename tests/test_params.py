@@ -105,6 +105,19 @@ def test_an_unknown_try_is_named():
         (lambda p: p["tries"]["x"].update(translate=40), "tries.x.translate: got 40"),
         (lambda p: p["train"].update(tta="mirror"), "train.tta: got 'mirror'; expected one of 'none', 'flip'"),
         (
+            lambda p: p["tries"]["x"].update(widths=[16, 32, 64]),
+            "tries.x.widths: model 'lenet2' has fixed widths; only airbench takes widths, so remove the key",
+        ),
+        (
+            lambda p: p["tries"]["x"].update(model="airbench", widths=[16, 32]),
+            "tries.x.widths: got [16, 32]; model 'airbench' takes 3 widths, one per block",
+        ),
+        (
+            lambda p: p["tries"]["x"].update(model="airbench", widths=[16, 0, 8]),
+            "tries.x.widths: got [16, 0, 8]; expected a list of positive integers",
+        ),
+        (lambda p: p["train"].update(widths=[16, 32, 64]), "train.widths: unknown key"),
+        (
             lambda p: p["tries"]["x"].update(model="airnet"),
             "expected one of 'lenet', 'lenet2', 'lenet2_bn', 'airbench'",
         ),

@@ -10,7 +10,7 @@ from stages.data import Split
 from stages.models import build_model
 from stages.params import TRAIN_SCHEMA, load_params
 from stages.recipe import Lookahead, LrSchedule, build_optimizer, predict
-from stages.train import build_augmentation, evaluate, normalise, train_one_epoch
+from stages.train import Updates, build_augmentation, build_updates, evaluate, normalise, train_one_epoch
 from tests.conftest import ROOT
 
 DEFAULTS = load_params(ROOT / "params.yaml")["train"]
@@ -106,12 +106,12 @@ def test_new_keys_at_their_defaults_train_exactly_as_the_code_without_them():
         torch.manual_seed(0)
         model = build_model("lenet2")
         if with_recipe:
-            optimizer = build_optimizer(DEFAULTS, model)
-            extra = {"label_smoothing": DEFAULTS["label_smoothing"], "schedule": LrSchedule(optimizer, DEFAULTS, 9)}
+            updates = build_updates(DEFAULTS, model, total_steps=9)
+            extra = {"label_smoothing": DEFAULTS["label_smoothing"]}
         else:
-            optimizer, extra = torch.optim.Adam(model.parameters(), lr=DEFAULTS["lr"]), {}
+            updates, extra = Updates(torch.optim.Adam(model.parameters(), lr=DEFAULTS["lr"])), {}
         order = torch.Generator().manual_seed(1)
-        fit = [train_one_epoch(model, optimizer, split, 50, order, **extra) for _ in range(3)]
+        fit = [train_one_epoch(model, updates, split, 50, order, **extra) for _ in range(3)]
         if with_recipe:
             predictions = evaluate(model, split, tta=DEFAULTS["tta"])["predictions"]
         else:

@@ -6,6 +6,9 @@ import json
 
 import pytest
 
+from stages.outputs import TryOutputs, outputs_for
+from stages.params import resolve_try
+from stages.train import train
 from tests.conftest import dvc, exp_show, make_project, run_queue, without_time
 
 pytestmark = pytest.mark.e2e
@@ -23,15 +26,20 @@ def lean_project(tmp_path, http_server, small_archive):
     return make_project(tmp_path / "project", url, md5, train={"epochs": 1, "batch_size": 100}, tries=["lenet"])
 
 
-def test_a_queued_grid_runs_every_point_with_its_own_params_and_metrics(lean_project):
+def test_a_queued_grid_runs_every_point_with_its_own_params_and_metrics(lean_project, learnable_dataset, tmp_path):
     sweep = ["-S", f"train.lr={','.join(map(str, LRS))}", "-S", f"train.seed={','.join(map(str, SEEDS))}"]
     queued = dvc("exp", "run", "--queue", *sweep, cwd=lean_project)
     assert queued.stdout.count("Queued experiment") == len(LRS) * len(SEEDS), queued.stdout
     run_queue(lean_project, jobs=2)
 
     points = {}
-    for params, metrics in exp_show(lean_project).values():
-        points[params["train"]["lr"], params["train"]["seed"]] = without_time(metrics["metrics/lenet.json"])
+    for name, (params, metrics) in exp_show(lean_project).items():
+        point = without_time(metrics["metrics/lenet.json"])
+        points[params["train"]["lr"], params["train"]["seed"]] = point
+        # What a run of the same config in this process gives, bit for bit: no two runs saw each other's files.
+        outputs = TryOutputs(*(tmp_path / name / path for path in outputs_for("lenet")))
+        expected = train(resolve_try(params, "lenet"), params["augment"], learnable_dataset, outputs, name)
+        assert point == without_time(expected), name
     assert sorted(points) == [(lr, seed) for lr in LRS for seed in SEEDS]
     assert len({json.dumps(final, sort_keys=True) for final in points.values()}) == len(points), points
 

@@ -15,6 +15,7 @@ from stages.models import build_model
 from stages.params import load_params, resolve_try
 from stages.train import (
     NonFiniteLoss,
+    Updates,
     evaluate,
     keep_freed_memory,
     normalise,
@@ -139,7 +140,7 @@ def test_training_names_the_first_batch_whose_loss_is_not_finite(dataset, monkey
     monkeypatch.setattr(train_module, "CHECK_EVERY", 3)  # 7 batches: looks after 3, 6 and 7
     model = NanFrom(batch=5)
     with pytest.raises(NonFiniteLoss) as raised:
-        train_one_epoch(model, torch.optim.SGD(model.parameters()), dataset.test, 43, torch.Generator())
+        train_one_epoch(model, Updates(torch.optim.SGD(model.parameters())), dataset.test, 43, torch.Generator())
     assert raised.value.batch == 5 and model.calls == 6
 
 
