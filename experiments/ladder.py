@@ -20,9 +20,10 @@ TRY = "airbench"
 PREFIX = "ladder"
 SEEDS = (0, 1, 2)
 POST_RECIPE = {  # the 3rd try: LeNet_2, Adam, the post's augmentation; every other ingredient off
-    "model": "lenet2", "widths": None, "batch_size": 100, "optimizer": "adam", "lr": 0.001, "momentum": 0.0,
-    "nesterov": False, "weight_decay": 0.0, "norm_bias_lr": 1.0, "warmup": 0.0, "lr_start": 1.0, "lr_end": 1.0,
-    "label_smoothing": 0.0, "lookahead": 0.0, "augment": True, "flip": False, "translate": 0, "tta": "none",
+    "model": "lenet2", "widths": None, "whiten_bias_epochs": None, "batch_size": 100, "optimizer": "adam",
+    "lr": 0.001, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0, "norm_bias_lr": 1.0, "warmup": 0.0,
+    "lr_start": 1.0, "lr_end": 1.0, "label_smoothing": 0.0, "lookahead": 0.0, "augment": True, "flip": False,
+    "translate": 0, "tta": "none",
 }  # fmt: skip
 # (name, what the rung adds, the keys it changes); each rung keeps the changes of the rungs before it.
 RUNGS = [
@@ -31,15 +32,15 @@ RUNGS = [
     (
         "airbench_net",
         "+ airbench's net (whitening, 2 convolutions per block, GELU)",
-        {"model": "airbench", "widths": [32, 80, 160]},
+        {"model": "airbench", "widths": [32, 64, 128], "whiten_bias_epochs": 3},
     ),  # fmt: skip
     (
         "sgd_schedule",
-        "+ SGD-Nesterov, batch 500, warm-up then linear decay, label smoothing 0.2",
+        "+ SGD-Nesterov, batch 250, warm-up then linear decay, label smoothing 0.2",
         {
-            "batch_size": 500,
+            "batch_size": 250,
             "optimizer": "sgd",
-            "lr": 0.7324,
+            "lr": 0.3662,
             "momentum": 0.85,
             "nesterov": True,
             "weight_decay": 0.00133,

@@ -102,7 +102,7 @@ class Airbench(nn.Module):
     blocks of two convolutions each, global max-pooling and a linear layer scaled down by 9.
     """
 
-    WIDTHS = (32, 80, 160)  # channels of the three blocks when a try sets no widths
+    WIDTHS = (32, 64, 128)  # channels of the three blocks when a try sets no widths
     WHITENING_EPS = 5e-4  # added to the patch covariance's eigenvalues: keeps near-constant directions finite
 
     def __init__(self, num_classes=10, widths=WIDTHS):

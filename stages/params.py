@@ -100,8 +100,10 @@ AUGMENT_SCHEMA = {
     "contrast": NON_NEGATIVE_NUMBER,
     "saturation": NON_NEGATIVE_NUMBER,
 }
-MODEL_SCHEMA = {"model": one_of(*MODELS), "widths": WIDTHS}  # keys of a try only: what it trains, not how
-OPTIONAL_KEYS = {"widths"}  # absent: the model's own widths
+# Keys of a try only, never of train: its model, and options that only some models take.
+MODEL_SCHEMA = {"model": one_of(*MODELS), "widths": WIDTHS, "whiten_bias_epochs": NON_NEGATIVE_INT}
+OPTIONAL_KEYS = {"widths", "whiten_bias_epochs"}  # absent: the model's own widths; a whitening bias that always trains
+WHITENING_MODELS = ("airbench",)  # models with a whitening first layer (whiten_bias_epochs)
 TRY_SCHEMA = {**MODEL_SCHEMA, **TRAIN_SCHEMA}
 SECTIONS = {"data": DATA_SCHEMA, "train": TRAIN_SCHEMA, "augment": AUGMENT_SCHEMA, "tries": None}
 
@@ -147,6 +149,11 @@ def check_combination(params, name):
         problems.append(
             f"{where}: true needs optimizer sgd and a momentum > 0, got optimizer {config['optimizer']!r} "
             f"and momentum {config['momentum']} for try {name}; set nesterov to false or use sgd with momentum"
+        )
+    if "whiten_bias_epochs" in config and config["model"] not in WHITENING_MODELS:
+        problems.append(
+            f"tries.{name}.whiten_bias_epochs: model {config['model']!r} has no whitening layer; only "
+            f"{', '.join(WHITENING_MODELS)} has one, so remove the key"
         )
     if "widths" in config:
         model, count = config["model"], MODELS_WITH_WIDTHS.get(config["model"])

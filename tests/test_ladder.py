@@ -33,7 +33,7 @@ def test_each_rung_changes_keys_of_the_try_and_its_seed():
     assert arguments[::2] == ["-S"] * (len(arguments) // 2)
     assert "tries.airbench.seed=2" in arguments and 'tries.airbench.optimizer="sgd"' in arguments
     assert "tries.airbench.nesterov=true" in arguments
-    assert "tries.airbench.widths=[32,80,160]" in arguments and "tries.airbench.widths=null" in overrides(1, seed=0)
+    assert "tries.airbench.widths=[32,64,128]" in arguments and "tries.airbench.widths=null" in overrides(1, seed=0)
 
 
 def exp_show(results):

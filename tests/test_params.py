@@ -118,6 +118,14 @@ def test_an_unknown_try_is_named():
         ),
         (lambda p: p["train"].update(widths=[16, 32, 64]), "train.widths: unknown key"),
         (
+            lambda p: p["tries"]["x"].update(whiten_bias_epochs=3),
+            "tries.x.whiten_bias_epochs: model 'lenet2' has no whitening layer; only airbench has one",
+        ),
+        (
+            lambda p: p["tries"]["x"].update(model="airbench", whiten_bias_epochs=-1),
+            "tries.x.whiten_bias_epochs: got -1; expected an integer >= 0",
+        ),
+        (
             lambda p: p["tries"]["x"].update(model="airnet"),
             "expected one of 'lenet', 'lenet2', 'lenet2_bn', 'airbench'",
         ),

@@ -11,6 +11,7 @@ from PIL import Image
 from torchvision import transforms
 
 from stages import train as train_module
+from stages.inference import load_checkpoint
 from stages.models import build_model
 from stages.params import load_params, resolve_try
 from stages.train import (
@@ -163,3 +164,14 @@ def test_take_selects_images_and_keeps_their_layout(memory_format):
 
 def test_freed_memory_is_kept_wherever_the_c_library_is_glibc():
     assert keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
+
+
+@pytest.mark.parametrize("frozen_after, trained", [(0, False), (QUICK["epochs"], True)])
+def test_the_whitening_bias_trains_its_epochs_then_stays(tmp_path, params, dataset, frozen_after, trained):
+    small = {"widths": [16, 16, 32], "whiten_bias_epochs": frozen_after}
+    _, outputs = run_try(params, dataset, tmp_path, "airbench", **small)
+    torch.manual_seed(params["tries"]["airbench"].get("seed", params["train"]["seed"]))  # as train() builds it
+    initial = build_model("airbench", widths=small["widths"]).whiten.bias
+    checkpoint = load_checkpoint(outputs.model)  # rebuilt at the widths its config names
+    assert checkpoint.config["widths"] == small["widths"]
+    assert torch.equal(checkpoint.model.whiten.bias, initial) is not trained
