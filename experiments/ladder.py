@@ -79,11 +79,12 @@ def experiment_name(index, seed):
 def overrides(index, seed):
     """dvc exp run's -S arguments for one rung and seed."""
     settings = {**rung_config(index), "seed": seed}
-    # null unsets a key (the try then has none, or inherits train's); lists go without spaces, as one argument
+    # ++ sets a key whether or not the try lists it yet (seed, say); null unsets one (the try then has
+    # none, or inherits train's); lists go without spaces, as one argument.
     return [
         arg
         for key, value in settings.items()
-        for arg in ("-S", f"tries.{TRY}.{key}={json.dumps(value, separators=(',', ':'))}")
+        for arg in ("-S", f"++tries.{TRY}.{key}={json.dumps(value, separators=(',', ':'))}")
     ]
 
 

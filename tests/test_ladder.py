@@ -1,5 +1,8 @@
 """The ladder: its first rung is the 3rd try, its last the 4th, and the table reads `dvc exp show --json`."""
 
+import pytest
+
+from experiments import ladder
 from experiments.ladder import (
     RUNGS,
     experiment_name,
@@ -9,8 +12,9 @@ from experiments.ladder import (
     read_experiments,
     rung_config,
 )
+from stages.models import build_model, count_parameters
 from stages.params import load_params, resolve_try
-from tests.conftest import ROOT
+from tests.conftest import ROOT, dvc, exp_show, make_project, tool_env
 
 PARAMS = load_params(ROOT / "params.yaml")
 
@@ -31,12 +35,12 @@ def test_the_ladder_climbs_from_the_third_try_to_the_fourth():
 def test_each_rung_changes_keys_of_the_try_and_its_seed():
     arguments = overrides(3, seed=2)
     assert arguments[::2] == ["-S"] * (len(arguments) // 2)
-    assert "tries.airbench.seed=2" in arguments and 'tries.airbench.optimizer="sgd"' in arguments
-    assert "tries.airbench.nesterov=true" in arguments
-    assert "tries.airbench.widths=[32,64,128]" in arguments and "tries.airbench.widths=null" in overrides(1, seed=0)
+    assert "++tries.airbench.seed=2" in arguments and '++tries.airbench.optimizer="sgd"' in arguments
+    assert "++tries.airbench.nesterov=true" in arguments
+    assert "++tries.airbench.widths=[32,64,128]" in arguments and "++tries.airbench.widths=null" in overrides(1, 0)
 
 
-def exp_show(results):
+def shown_json(results):
     """What `dvc exp show --json` gives for experiments with these airbench metrics."""
     revs = [
         {"name": name, "data": {"metrics": {"metrics/airbench.json": {"data": data}}}} for name, data in results.items()
@@ -51,7 +55,28 @@ def test_the_table_shows_mean_and_std_of_rungs_whose_seeds_all_finished():
         experiment_name(0, 2): {"val": {"acc": 73.0}, "seconds": 120.0},
         experiment_name(1, 0): {"val": {"acc": 75.0}, "seconds": 100.0},  # seeds 1 and 2 still queued
     }
-    rows = ladder_rows(read_experiments(exp_show(results)))
+    rows = ladder_rows(read_experiments(shown_json(results)))
     assert [row[0] for row in rows] == [0]
     table = format_table(rows)
     assert "| 0 | the 3rd try" in table and "| 72.00 ± 1.00 | 71.00, 72.00, 73.00 | 110 |" in table
+
+
+@pytest.mark.e2e
+def test_the_ladder_queues_rungs_that_the_real_dvc_runs_and_tabulates(tmp_path, http_server, small_archive,
+                                                                      monkeypatch, capsys):  # fmt: skip
+    path, md5 = small_archive
+    url, lean = f"{http_server}/{path.name}", {"epochs": 1, "batch_size": 100}
+    project = make_project(tmp_path / "project", url, md5, train=lean, tries=["airbench"])
+    monkeypatch.chdir(project)  # the ladder runs `dvc` where it is started, as a user would
+    monkeypatch.setenv("PATH", tool_env()["PATH"])
+    assert ladder.main(["queue", "--rungs", "0", "2", "--seeds", "0"]) == 0  # a null and a list among the keys
+    dvc("exp", "run", "--run-all", cwd=project)
+    trained = {name: metrics["metrics/airbench.json"]["parameters"] for name, (_, metrics) in exp_show(project).items()}
+    assert trained == {
+        experiment_name(0, 0): count_parameters(build_model("lenet2")),
+        experiment_name(2, 0): count_parameters(build_model("airbench", widths=[32, 64, 128])),
+    }
+    capsys.readouterr()
+    assert ladder.main(["table", "--seeds", "0"]) == 0
+    table = capsys.readouterr().out
+    assert "| 0 | the 3rd try" in table and "| 2 | + airbench's net" in table
