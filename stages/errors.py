@@ -20,6 +20,18 @@ class ParamsError(PipelineError):
         super().__init__(f"{source} is invalid ({len(self.problems)} problem(s)); fix these and rerun:\n{lines}")
 
 
+FILE_ERRORS = (FileNotFoundError, IsADirectoryError, PermissionError)  # opening a path that is no readable file
+
+
+def file_problem(path, error, kind):
+    """The message for one of FILE_ERRORS raised opening path, a `kind` ("checkpoint", "image") to read."""
+    if isinstance(error, FileNotFoundError):
+        return f"{path}: no such {kind}"
+    if isinstance(error, IsADirectoryError):
+        return f"{path}: a directory, not a file"
+    return f"{path}: cannot be read ({error.strerror})"
+
+
 def exits_cleanly(main):
     @functools.wraps(main)
     def wrapper(*args, **kwargs):

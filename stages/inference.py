@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 from torch.nn import functional as F
 
-from stages.errors import PipelineError
+from stages.errors import FILE_ERRORS, PipelineError, file_problem
 from stages.models import MODELS, build_model
 from stages.recipe import predict
 from stages.train import EVAL_BATCH, normalise
@@ -68,12 +68,8 @@ def read_checkpoint(path):
             # It warns about pickle protocols before refusing the file anyway; the refusal says more.
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path}: a directory, not a checkpoint") from None
-    except PermissionError as error:
-        raise CheckpointError(f"{path}: cannot be read ({error.strerror})") from None
+    except FILE_ERRORS as error:
+        raise CheckpointError(file_problem(path, error, "checkpoint")) from None
     except pickle.UnpicklingError as error:
         if "weights only load failed" not in str(error).lower():
             raise CheckpointError(f"{path}: not a readable checkpoint ({first_sentence(error)})") from None

@@ -139,17 +139,22 @@ class Airbench(nn.Module):
 
 
 MODELS = {"lenet": LeNet, "lenet2": LeNet2, "lenet2_bn": LeNet2BN, "airbench": Airbench}
-MODELS_WITH_WIDTHS = {"airbench": len(Airbench.WIDTHS)}  # models whose channel widths a try may set, and how many
+# The keys a try may set for its model only (params.yaml), by model: widths (its WIDTHS), whiten_bias_epochs.
+MODEL_OPTIONS = {"airbench": ("widths", "whiten_bias_epochs")}
+
+
+def models_taking(option):
+    return [name for name, options in MODEL_OPTIONS.items() if option in options]
 
 
 def build_model(name, num_classes=10, widths=None):
-    """A fresh model of MODELS; widths (a list of channel counts) only for MODELS_WITH_WIDTHS, None for the default."""
+    """A fresh model of MODELS; widths (channel counts) only for a model that takes them, None: its default."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
     if widths is None:
         return MODELS[name](num_classes)
-    if name not in MODELS_WITH_WIDTHS:
-        raise ValueError(f"model {name!r} has fixed widths; only {', '.join(MODELS_WITH_WIDTHS)} takes widths")
+    if name not in models_taking("widths"):
+        raise ValueError(f"model {name!r} has fixed widths; only {', '.join(models_taking('widths'))} takes widths")
     return MODELS[name](num_classes, tuple(widths))
 
 

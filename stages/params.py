@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from stages.errors import ParamsError, PipelineError
-from stages.models import MODELS, MODELS_WITH_WIDTHS
+from stages.models import MODEL_OPTIONS, MODELS, models_taking
 
 PARAMS_FILE = Path("params.yaml")
 CONFIGS_DIR = Path("configs")
@@ -100,11 +100,11 @@ AUGMENT_SCHEMA = {
     "contrast": NON_NEGATIVE_NUMBER,
     "saturation": NON_NEGATIVE_NUMBER,
 }
-# Keys of a try only, never of train: its model, and options that only some models take.
+# Keys of a try only, never of train: its model, and options that only some models take (MODEL_OPTIONS).
+# An option left out means the model's own widths, a whitening bias that trains throughout.
 MODEL_SCHEMA = {"model": one_of(*MODELS), "widths": WIDTHS, "whiten_bias_epochs": NON_NEGATIVE_INT}
-OPTIONAL_KEYS = {"widths", "whiten_bias_epochs"}  # absent: the model's own widths; a whitening bias that always trains
-WHITENING_MODELS = ("airbench",)  # models with a whitening first layer (whiten_bias_epochs)
 TRY_SCHEMA = {**MODEL_SCHEMA, **TRAIN_SCHEMA}
+CONFIG_KEYS = ("model", *TRAIN_SCHEMA)  # the keys every effective config of a try has
 SECTIONS = {"data": DATA_SCHEMA, "train": TRAIN_SCHEMA, "augment": AUGMENT_SCHEMA, "tries": None}
 
 
@@ -132,7 +132,7 @@ def check_params(params):
         if section not in params:
             problems.append(f"{section}: missing section")
         elif schema is not None:
-            problems += check_mapping(section, params[section], schema, required=True)
+            problems += check_mapping(section, params[section], schema, required=schema)
     if "tries" in params:
         problems += check_tries(params["tries"])
     if not problems:
@@ -150,22 +150,18 @@ def check_combination(params, name):
             f"{where}: true needs optimizer sgd and a momentum > 0, got optimizer {config['optimizer']!r} "
             f"and momentum {config['momentum']} for try {name}; set nesterov to false or use sgd with momentum"
         )
-    if "whiten_bias_epochs" in config and config["model"] not in WHITENING_MODELS:
+    model = config["model"]
+    for option in sorted(config.keys() & (MODEL_SCHEMA.keys() - {"model"})):
+        if option not in MODEL_OPTIONS.get(model, ()):
+            problems.append(
+                f"tries.{name}.{option}: model {model!r} does not take it; only "
+                f"{', '.join(models_taking(option))} does, so remove the key"
+            )
+    count = len(getattr(MODELS[model], "WIDTHS", ()))
+    if "widths" in config and count and len(config["widths"]) != count:
         problems.append(
-            f"tries.{name}.whiten_bias_epochs: model {config['model']!r} has no whitening layer; only "
-            f"{', '.join(WHITENING_MODELS)} has one, so remove the key"
+            f"tries.{name}.widths: got {config['widths']!r}; model {model!r} takes {count} widths, one per block"
         )
-    if "widths" in config:
-        model, count = config["model"], MODELS_WITH_WIDTHS.get(config["model"])
-        if count is None:
-            problems.append(
-                f"tries.{name}.widths: model {model!r} has fixed widths; only "
-                f"{', '.join(MODELS_WITH_WIDTHS)} takes widths, so remove the key"
-            )
-        elif len(config["widths"]) != count:
-            problems.append(
-                f"tries.{name}.widths: got {config['widths']!r}; model {model!r} takes {count} widths, one per block"
-            )
     return problems
 
 
@@ -176,30 +172,26 @@ def check_tries(tries):
     for name, settings in tries.items():
         if not isinstance(name, str) or not TRY_NAME.match(name):
             problems.append(f"tries.{name}: a try name may hold only letters, digits, '_', '.' and '-'")
-        problems += check_mapping(f"tries.{name}", settings, TRY_SCHEMA, required=False)
-        if isinstance(settings, dict) and "model" not in settings:
-            problems.append(f"tries.{name}.model: missing; expected {TRY_SCHEMA['model'].allowed}")
+        problems += check_mapping(f"tries.{name}", settings, TRY_SCHEMA, required=("model",), inherits=True)
     return problems
 
 
-def check_mapping(where, mapping, schema, required):
-    """Checks one section; with required=False, missing keys are allowed (a try inherits them)."""
+def check_mapping(where, mapping, schema, required=(), inherits=False):
+    """Checks one mapping against schema; the keys in required must be there.
+
+    inherits: the mapping is a try's own keys, where null means train's value (for any key but model).
+    """
     if not isinstance(mapping, dict):
         return [f"{where}: expected a mapping with keys from {', '.join(schema)}, got {mapping!r}"]
     problems = []
     for key, value in mapping.items():
         if key not in schema:
             problems.append(_unknown_key(where, key, schema))
-        elif value is None and not required and key != "model":
-            continue  # a try's null key inherits train's value
+        elif value is None and inherits and key != "model":
+            continue
         elif not schema[key].accepts(value):
             problems.append(f"{where}.{key}: got {value!r}; expected {schema[key].allowed}")
-    if required:
-        problems += [
-            f"{where}.{key}: missing; expected {rule.allowed}"
-            for key, rule in schema.items()
-            if key not in mapping and key not in OPTIONAL_KEYS
-        ]
+    problems += [f"{where}.{key}: missing; expected {schema[key].allowed}" for key in required if key not in mapping]
     return problems
 
 
@@ -241,7 +233,7 @@ def read_try_config(name, configs_dir=CONFIGS_DIR):
     if not isinstance(config, dict):
         raise ParamsError([f"expected a mapping, got {config!r}"], source=str(path))
     recipe = config.pop("augment_recipe", None)
-    problems = check_mapping(str(path), config, TRY_SCHEMA, required=True)
+    problems = check_mapping(str(path), config, TRY_SCHEMA, required=CONFIG_KEYS)
     if config.get("augment") and recipe is None:
         problems.append(f"{path}: augment is true but augment_recipe is missing")
     if problems:

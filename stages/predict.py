@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from stages.errors import PipelineError, exits_cleanly
+from stages.errors import FILE_ERRORS, PipelineError, exits_cleanly, file_problem
 from stages.inference import load_checkpoint, predict_probabilities, test_time_views
 
 IMAGE_SIZE = (32, 32)  # what the models take, and what the post resizes to
@@ -37,12 +37,8 @@ def load_image(path):
     try:
         with Image.open(path) as image:
             rgb = to_rgb(ImageOps.exif_transpose(image))
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: a directory, not an image") from None
-    except PermissionError as error:
-        raise ImageError(f"{path}: cannot be read ({error.strerror})") from None
+    except FILE_ERRORS as error:
+        raise ImageError(file_problem(path, error, "image")) from None
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image (PNG or JPEG expected)") from None
     except Image.DecompressionBombError as error:

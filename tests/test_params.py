@@ -106,7 +106,7 @@ def test_an_unknown_try_is_named():
         (lambda p: p["train"].update(tta="mirror"), "train.tta: got 'mirror'; expected one of 'none', 'flip'"),
         (
             lambda p: p["tries"]["x"].update(widths=[16, 32, 64]),
-            "tries.x.widths: model 'lenet2' has fixed widths; only airbench takes widths, so remove the key",
+            "tries.x.widths: model 'lenet2' does not take it; only airbench does, so remove the key",
         ),
         (
             lambda p: p["tries"]["x"].update(model="airbench", widths=[16, 32]),
@@ -119,7 +119,7 @@ def test_an_unknown_try_is_named():
         (lambda p: p["train"].update(widths=[16, 32, 64]), "train.widths: unknown key"),
         (
             lambda p: p["tries"]["x"].update(whiten_bias_epochs=3),
-            "tries.x.whiten_bias_epochs: model 'lenet2' has no whitening layer; only airbench has one",
+            "tries.x.whiten_bias_epochs: model 'lenet2' does not take it; only airbench does, so remove the key",
         ),
         (
             lambda p: p["tries"]["x"].update(model="airbench", whiten_bias_epochs=-1),

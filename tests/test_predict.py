@@ -121,10 +121,10 @@ def truncated_jpeg(directory):
 
 
 BAD_IMAGES = {
-    "missing": (lambda d: d / "nothing.png", "no such file"),
+    "missing": (lambda d: d / "nothing.png", "no such image"),
     "not-an-image": (lambda d: (d / "notes.png").write_text("hello") and d / "notes.png", "not an image"),
     "truncated": (truncated_jpeg, "damaged or truncated image"),
-    "a-directory": (lambda d: (d / "folder").mkdir() or d / "folder", "a directory, not an image"),
+    "a-directory": (lambda d: (d / "folder").mkdir() or d / "folder", "a directory, not a file"),
 }
 
 
