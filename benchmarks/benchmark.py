@@ -103,7 +103,7 @@ def pipeline_epoch(config, model, updates, split, generator, augment):
 def measure_try(config, recipe, train, test, device, rounds):
     """Seconds per whole epoch for pipeline and post; per training batch for pipeline and floor."""
     # As stages.train lays them out: channels_last unless augmentation reads them first.
-    augmented = build_augmentation(config, recipe, torch.Generator()) is not None
+    augmented = build_augmentation(config, recipe, torch.Generator(), len(train.labels)) is not None
     train_split = on_device(train, device, channels_last=not augmented)
     test_split = on_device(test, device, channels_last=True)
     loaders = post_loaders(train, test, recipe, config)
@@ -111,7 +111,7 @@ def measure_try(config, recipe, train, test, device, rounds):
     for _ in range(rounds):
         model, updates = fresh_model(config, train_split, device)
         generator = torch.Generator().manual_seed(config["seed"])
-        augment = build_augmentation(config, recipe, generator)
+        augment = build_augmentation(config, recipe, generator, len(train.labels))
         fit = timed(device, pipeline_epoch, config, model, updates, train_split, generator, augment)
         times["pipeline_epoch"].append(fit + timed(device, evaluate, model, test_split))
         model, optimizer = fresh_post_model(config, device)
@@ -137,7 +137,7 @@ def measure_floor(config, recipe, train_split, device, rounds):
     model, updates = fresh_model(config, train_split, device, rounds)
     floor_model, floor_updates = fresh_model(config, train_split, device, rounds)
     generator = torch.Generator().manual_seed(config["seed"])
-    augment = build_augmentation(config, recipe, generator)
+    augment = build_augmentation(config, recipe, generator, len(train_split.labels))
     smoothing = config["label_smoothing"]
     pipeline = floor = 0.0
     for _ in range(rounds):

@@ -246,7 +246,8 @@ class Augmentation:
         self.recipe, self.generator = recipe, generator
         self.maps, self.plan, self.used = None, None, 0
 
-    def __call__(self, images):
+    def __call__(self, images, indices=None):
+        """indices: unused (every image gets a fresh draw), as other augmentations take them."""
         count, _, height, width = images.shape
         if self.plan is None or self.used + count > len(self.plan):
             draw = draw_params(max(self.CHUNK, count), self.recipe, self.generator)

@@ -56,6 +56,7 @@ PROBABILITY = Rule("a number from 0 to 1", lambda v: _is_number(v) and 0 <= v <=
 BELOW_ONE = Rule("a number >= 0 and < 1", lambda v: _is_number(v) and 0 <= v < 1)
 TRANSLATION = Rule("an integer from 0 to 16 (pixels)", lambda v: _is_int(v) and 0 <= v <= 16)
 BOOLEAN = Rule("true or false", lambda v: isinstance(v, bool))
+FLIP = Rule("true, false or 'alternate'", lambda v: isinstance(v, bool) or v == "alternate")
 TEXT = Rule("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
 MD5 = Rule("32 hexadecimal digits", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-fA-F]{32}", v))
 SCALE_RANGE = Rule(
@@ -84,7 +85,7 @@ TRAIN_SCHEMA = {
     "label_smoothing": BELOW_ONE,
     "lookahead": BELOW_ONE,
     "augment": BOOLEAN,
-    "flip": BOOLEAN,
+    "flip": FLIP,
     "translate": TRANSLATION,
     "tta": one_of(*TTA_MODES),
     "seed": NON_NEGATIVE_INT,

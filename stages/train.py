@@ -156,7 +156,7 @@ def prepare_batch(split, indices, augment=None):
     """The model's input and labels for the images of split at indices, augmented when augment is given."""
     images = take(split.images, indices)
     if augment is not None:
-        images = augment(images)
+        images = augment(images, indices)
     return normalise(images), split.labels.index_select(0, indices)
 
 
@@ -201,7 +201,7 @@ def train(config, recipe, dataset, outputs, name="try"):
     keep_freed_memory()
     torch.manual_seed(config["seed"])  # weight init and dropout
     generator = torch.Generator().manual_seed(config["seed"])  # data order and augmentation draws
-    augment = build_augmentation(config, recipe, generator)
+    augment = build_augmentation(config, recipe, generator, len(dataset.train.labels))
     # Augmentation reads and writes (N, C, H, W); everything else feeds the model channels_last directly.
     train_split = on_device(dataset.train, device, channels_last=augment is None)
     data = Dataset(train_split, on_device(dataset.test, device, channels_last=True), dataset.classes)
@@ -258,16 +258,17 @@ def build_updates(config, model, total_steps):
     return Updates(optimizer, LrSchedule(optimizer, config, total_steps), lookahead)
 
 
-def build_augmentation(config, recipe, generator):
-    """The try's augmentation of uint8 batches: the post's recipe, then flip and translate; None for neither."""
+def build_augmentation(config, recipe, generator, count):
+    """The try's augmentation of uint8 batches (called with the batch and its indices among the count
+    training images): the post's recipe, then flip and translate; None for neither."""
     steps = []
     if config["augment"]:
         steps.append(Augmentation(recipe, generator))
     if config["flip"] or config["translate"] > 0:
-        steps.append(FlipTranslate(config["flip"], config["translate"], generator))
+        steps.append(FlipTranslate(config["flip"], config["translate"], generator, count))
     if len(steps) <= 1:
         return steps[0] if steps else None
-    return lambda images: steps[1](steps[0](images))
+    return lambda images, indices: steps[1](steps[0](images, indices), indices)
 
 
 def run_epoch(epoch, model, updates, data, config, generator, augment, name):

@@ -4,22 +4,40 @@ Each image gets its own draw: flipped or not (probability 0.5), and shifted by d
 uniformly from -translate..translate, the pixels it shifts in taken from a reflect-padded
 border. That is torchvision's RandomHorizontalFlip then RandomCrop(H, padding=translate,
 padding_mode="reflect"). Both are done in a single gather on the whole uint8 batch, on its device.
+
+airbench's alternating flip (flip "alternate") draws the flips once: a random half of the
+training images is flipped in the first epoch, and each later epoch flips exactly the images
+the epoch before did not, so that every image is seen both ways every two epochs.
 """
 
 import torch
 
 
 class FlipTranslate:
-    """Flips and translates uint8 batches (B, C, H, W) with fresh per-image draws from a CPU generator."""
+    """Flips and translates uint8 batches (B, C, H, W) with fresh per-image draws from a CPU generator.
 
-    def __init__(self, flip, translate, generator):
+    flip: False, True, or "alternate" (then count is the number of training images, and each call
+    gets the indices of its images among them).
+    """
+
+    def __init__(self, flip, translate, generator, count=None):
         self.flip, self.translate, self.generator = flip, translate, generator
+        if flip == "alternate":
+            self.first_flips = torch.rand(count, generator=generator) < 0.5  # the first epoch's
+            self.count, self.seen = count, 0
 
-    def __call__(self, images):
+    def __call__(self, images, indices=None):
         count = len(images)
-        flip = torch.rand(count, generator=self.generator) < 0.5
-        if not self.flip:
-            flip = torch.zeros_like(flip)
+        if self.flip == "alternate":
+            # Every epoch goes through each training image once, so the images seen so far tell the epoch.
+            odd_epoch = (self.seen // self.count) % 2 == 1
+            self.seen += count
+            self.first_flips = self.first_flips.to(indices.device)  # once: then it is there
+            flip = self.first_flips[indices] ^ odd_epoch
+        else:
+            flip = torch.rand(count, generator=self.generator) < 0.5
+            if not self.flip:
+                flip = torch.zeros_like(flip)
         shift = torch.randint(-self.translate, self.translate + 1, (count, 2), generator=self.generator)
         return flip_translate(images, flip.to(images.device), shift.to(images.device))
 

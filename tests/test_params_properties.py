@@ -26,7 +26,7 @@ TRAIN_VALUES = {
     "label_smoothing": st.floats(0, 0.99),
     "lookahead": st.floats(0, 0.99),
     "augment": st.booleans(),
-    "flip": st.booleans(),
+    "flip": st.booleans() | st.just("alternate"),
     "translate": st.integers(0, 16),
     "tta": st.sampled_from(TTA_MODES),
     "seed": st.integers(0, 2**31),

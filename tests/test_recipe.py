@@ -97,7 +97,7 @@ def test_flip_tta_averages_the_image_and_its_mirror():
 
 def test_new_keys_at_their_defaults_train_exactly_as_the_code_without_them():
     """Adam, no label smoothing, a constant schedule, no averaging, no views: the loop as it was, bit for bit."""
-    assert build_augmentation(DEFAULTS, None, torch.Generator()) is None
+    assert build_augmentation(DEFAULTS, None, torch.Generator(), 10) is None
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (130, 3, 32, 32), dtype=torch.uint8, generator=generator)
     split = Split(images, torch.randint(0, 10, (130,), generator=generator))

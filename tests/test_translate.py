@@ -56,3 +56,20 @@ def test_flip_off_only_translates():
     images = torch.arange(32, dtype=torch.uint8).repeat(1000, 3, 32, 1)
     moved = FlipTranslate(flip=False, translate=1, generator=torch.Generator().manual_seed(0))(images)
     assert torch.all(moved[:, 0, 16, 16].long() - moved[:, 0, 16, 15].long() == 1)
+
+
+def test_alternating_flips_turn_every_image_the_other_way_each_epoch():
+    count = 1000
+    images = torch.arange(32, dtype=torch.uint8).repeat(count, 3, 32, 1)  # each pixel holds its column
+    augment = FlipTranslate(flip="alternate", translate=0, generator=torch.Generator().manual_seed(0), count=count)
+    order = torch.randperm(count)
+    epochs = []
+    for _ in range(3):  # each epoch in batches of 100, in a shuffled order, as training takes them
+        flipped = torch.zeros(count, dtype=torch.bool)
+        for indices in order.split(100):
+            moved = augment(images[indices], indices)
+            flipped[indices] = moved[:, 0, 0, 0] == 31
+        epochs.append(flipped)
+        order = order[torch.randperm(count)]
+    assert abs(epochs[0].float().mean().item() - 0.5) < 0.05
+    assert torch.equal(epochs[1], ~epochs[0]) and torch.equal(epochs[2], epochs[0])
