@@ -5,7 +5,7 @@ experiment retrains that try alone. `queue` puts every rung and seed in DVC's qu
 `dvc queue start` runs them; `table` reads `dvc exp show --json` and prints the table:
 validation accuracy (mean ± std over seeds) and training seconds per rung.
 
-    python -m experiments.ladder queue [--seeds 0 1 2] [--rungs 0 1 2 3 4 5]
+    python -m experiments.ladder queue [--seeds 0 1 2] [--rungs 0 1 2 3 4 5 6]
     dvc queue start                    # one at a time: rungs run for minutes each, and timings stay fair
     python -m experiments.ladder table # prints a Markdown table
 """
@@ -21,9 +21,9 @@ PREFIX = "ladder"
 SEEDS = (0, 1, 2)
 POST_RECIPE = {  # the 3rd try: LeNet_2, Adam, the post's augmentation; every other ingredient off
     "model": "lenet2", "widths": None, "whiten_bias_epochs": None, "batch_size": 100, "optimizer": "adam",
-    "lr": 0.001, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0, "norm_bias_lr": 1.0, "warmup": 0.0,
-    "lr_start": 1.0, "lr_end": 1.0, "label_smoothing": 0.0, "lookahead": 0.0, "augment": True, "flip": False,
-    "translate": 0, "tta": "none",
+    "lr": 0.001, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0, "norm_bias_lr": 1.0, "muon_lr": 0.0,
+    "muon_momentum": 0.6, "warmup": 0.0, "lr_start": 1.0, "lr_end": 1.0, "label_smoothing": 0.0, "lookahead": 0.0,
+    "augment": True, "flip": False, "translate": 0, "tta": "none",
 }  # fmt: skip
 # (name, what the rung adds, the keys it changes); each rung keeps the changes of the rungs before it.
 RUNGS = [
@@ -36,7 +36,7 @@ RUNGS = [
     ),  # fmt: skip
     (
         "sgd_schedule",
-        "+ SGD-Nesterov, batch 250, warm-up then linear decay, label smoothing 0.2",
+        "+ airbench94's SGD-Nesterov, batch 250, warm-up then linear decay, label smoothing 0.2",
         {
             "batch_size": 250,
             "optimizer": "sgd",
@@ -53,14 +53,24 @@ RUNGS = [
     ),  # fmt: skip
     (
         "flip_translate",
-        "+ flip and 2-pixel translate instead of the post's augmentation",
-        {"augment": False, "flip": True, "translate": 2},
+        "+ alternating flip and 2-pixel translate instead of the post's augmentation",
+        {"augment": False, "flip": "alternate", "translate": 2},
     ),  # fmt: skip
     (
-        "lookahead_tta",
-        "+ weight averaging and test-time flips and shifts (the 4th try)",
-        {"lookahead": 0.95, "tta": "flip_translate"},
+        "muon",
+        "+ Muon for the filters, airbench94_muon's recipe: batch 500, no warm-up, lr decays to 0",
+        {
+            "batch_size": 500,
+            "lr": 1.656,
+            "weight_decay": 0.000604,
+            "norm_bias_lr": 16.0,
+            "muon_lr": 0.12,
+            "warmup": 0.0,
+            "lr_start": 1.0,
+            "lr_end": 0.0,
+        },
     ),  # fmt: skip
+    ("tta", "+ test-time flips and shifts (the 4th try)", {"tta": "flip_translate"}),
 ]
 
 

@@ -79,6 +79,8 @@ TRAIN_SCHEMA = {
     "nesterov": BOOLEAN,
     "weight_decay": NON_NEGATIVE_NUMBER,
     "norm_bias_lr": POSITIVE_NUMBER,
+    "muon_lr": NON_NEGATIVE_NUMBER,
+    "muon_momentum": BELOW_ONE,
     "warmup": PROBABILITY,
     "lr_start": NON_NEGATIVE_NUMBER,
     "lr_end": NON_NEGATIVE_NUMBER,

@@ -91,6 +91,8 @@ def test_an_unknown_try_is_named():
         (lambda p: p.update(tries={}), "tries: expected a non-empty mapping"),
         (lambda p: p["train"].update(nesterov="yes"), "train.nesterov: got 'yes'; expected true or false"),
         (lambda p: p["train"].update(norm_bias_lr=0), "train.norm_bias_lr: got 0; expected a number > 0"),
+        (lambda p: p["train"].update(muon_lr=-0.1), "train.muon_lr: got -0.1; expected a number >= 0"),
+        (lambda p: p["tries"]["x"].update(muon_momentum=1), "tries.x.muon_momentum: got 1; expected a number >= 0"),
         (lambda p: p["train"].update(warmup=1.5), "train.warmup: got 1.5; expected a number from 0 to 1"),
         (lambda p: p["tries"]["x"].update(lr_start=-1), "tries.x.lr_start: got -1; expected a number >= 0"),
         (lambda p: p["train"].update(lr_end="0.1"), "train.lr_end: got '0.1'; expected a number >= 0"),

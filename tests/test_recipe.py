@@ -9,7 +9,7 @@ from torch.nn import functional as F
 from stages.data import Split
 from stages.models import build_model
 from stages.params import TRAIN_SCHEMA, load_params
-from stages.recipe import Lookahead, LrSchedule, build_optimizer, predict
+from stages.recipe import Lookahead, LrSchedule, Muon, build_optimizer, orthogonalise, predict
 from stages.train import Updates, build_augmentation, build_updates, evaluate, normalise, train_one_epoch
 from tests.conftest import ROOT
 
@@ -51,6 +51,65 @@ def test_norm_biases_get_their_own_lr_and_the_same_decay_per_step():
     assert all(p.requires_grad for p in others["params"]) and id(model.whiten.weight) not in map(id, others["params"])
     assert biases["lr"] == pytest.approx(6.4) and others["lr"] == 0.1 and others["nesterov"]
     assert biases["lr"] * biases["weight_decay"] == pytest.approx(others["lr"] * others["weight_decay"])
+
+
+def test_orthogonalise_moves_every_singular_value_near_1_and_keeps_the_directions():
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(32, 216), (128, 64)]:  # a filter (out, in x 3 x 3) and a tall matrix
+        u, _ = torch.linalg.qr(torch.randn(max(shape), min(shape), generator=generator))
+        v, _ = torch.linalg.qr(torch.randn(min(shape), min(shape), generator=generator))
+        scales = torch.logspace(0, 1, min(shape))  # singular values from 1 to 10
+        matrix = u @ torch.diag(scales) @ v.T
+        matrix = matrix if shape[0] > shape[1] else matrix.T
+        result = orthogonalise(matrix)
+        assert result.shape == matrix.shape
+        values = torch.linalg.svdvals(result)
+        assert values.min() > 0.6 and values.max() < 1.25, values
+        # Same singular vectors: result = U diag(f(s)) V^T with f increasing, so U^T result V is diagonal.
+        left, right = (u, v) if shape[0] > shape[1] else (v, u)
+        projected = left.T @ result @ right
+        assert torch.allclose(projected, torch.diag(torch.diagonal(projected)), atol=1e-4)
+
+
+def test_muon_renormalises_each_filter_then_steps_along_its_orthogonalised_nesterov_momentum():
+    generator = torch.Generator().manual_seed(0)
+    weight = nn.Parameter(torch.randn(8, 4, 3, 3, generator=generator))
+    optimizer = Muon([weight], lr=0.1, momentum=0.6)
+    expected, momentum = weight.detach().clone(), torch.zeros_like(weight)
+    for _ in range(3):
+        grad = torch.randn(weight.shape, generator=generator)
+        weight.grad = grad.clone()
+        optimizer.step()
+        momentum = 0.6 * momentum + grad
+        expected = expected * 8**0.5 / expected.norm()
+        expected = expected - 0.1 * orthogonalise((grad + 0.6 * momentum).reshape(8, -1)).view(8, 4, 3, 3)
+        assert torch.allclose(weight, expected, atol=1e-6)
+    optimizer.param_groups[0]["lr"] = 0.0
+    optimizer.step()
+    assert weight.norm().item() == pytest.approx(8**0.5)
+
+
+def test_with_muon_the_filters_take_muon_steps_and_the_rest_the_optimizer_and_one_schedule_sets_both():
+    model = build_model("airbench")
+    optimizer = build_optimizer(sgd_config(norm_bias_lr=16, nesterov=True, muon_lr=0.2), model)
+    *sgd_groups, muon_group = optimizer.param_groups
+    filters = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d) and m.weight.requires_grad]
+    assert [id(p) for p in muon_group["params"]] == [id(p) for p in filters] and len(filters) == 6
+    rest = [id(p) for group in sgd_groups for p in group["params"]]
+    trainable = [id(p) for p in model.parameters() if p.requires_grad]
+    assert sorted(rest + [id(p) for p in filters]) == sorted(trainable) and len(rest) == len(set(rest))
+    assert muon_group["lr"] == 0.2 and muon_group["momentum"] == DEFAULTS["muon_momentum"]
+    schedule = LrSchedule(optimizer, sgd_config(warmup=0.0, lr_end=0.0), total_steps=5)
+    for _ in range(3):
+        schedule.step()
+    assert muon_group["lr"] == pytest.approx(0.2 * 0.5) and sgd_groups[-1]["lr"] == pytest.approx(0.1 * 0.5)
+    inputs = torch.randn(4, 3, 32, 32)
+    before = [p.detach().clone() for p in filters]
+    F.cross_entropy(model(inputs), torch.arange(4)).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    assert all(not torch.equal(a, b) for a, b in zip(before, filters, strict=True))
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_lookahead_pulls_weights_to_their_average_every_5_steps_and_ends_on_it():
@@ -125,6 +184,6 @@ def test_new_keys_at_their_defaults_train_exactly_as_the_code_without_them():
 
 
 def test_every_new_train_key_defaults_to_leaving_its_ingredient_out():
-    new = {"nesterov": False, "norm_bias_lr": 1.0, "warmup": 0.0, "lr_start": 1.0, "lr_end": 1.0,
+    new = {"nesterov": False, "norm_bias_lr": 1.0, "muon_lr": 0.0, "warmup": 0.0, "lr_start": 1.0, "lr_end": 1.0,
            "label_smoothing": 0.0, "lookahead": 0.0, "flip": False, "translate": 0, "tta": "none"}  # fmt: skip
     assert {key: DEFAULTS[key] for key in new} == new and set(new) <= set(TRAIN_SCHEMA)
