@@ -20,6 +20,8 @@ TRAIN_VALUES = {
     "nesterov": st.just(False),  # true is valid only with sgd and a momentum: test_params checks that pairing
     "weight_decay": non_negative_floats,
     "norm_bias_lr": positive_floats,
+    "muon_lr": non_negative_floats,
+    "muon_momentum": st.floats(0, 0.99),
     "warmup": st.floats(0, 1),
     "lr_start": non_negative_floats,
     "lr_end": non_negative_floats,
