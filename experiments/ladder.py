@@ -107,10 +107,16 @@ def queue(rungs, seeds):
 
 
 def read_experiments(shown):
-    """{experiment name: metrics of the try} from `dvc exp show --json` output."""
+    """{experiment name: metrics of the try} from `dvc exp show --json` output, finished experiments only.
+
+    A running experiment is shown with the files of its working copy, which until it finishes are the
+    baseline's metrics under the experiment's name.
+    """
     found = {}
     for commit in shown:
         for experiment in commit.get("experiments") or []:
+            if (experiment.get("executor") or {}).get("state", "success") != "success":
+                continue
             for rev in experiment["revs"]:
                 metrics = (rev.get("data") or {}).get("metrics") or {}
                 result = metrics.get(f"metrics/{TRY}.json", {}).get("data")

@@ -55,8 +55,14 @@ def test_the_table_shows_mean_and_std_of_rungs_whose_seeds_all_finished():
         experiment_name(0, 2): {"val": {"acc": 73.0}, "seconds": 120.0},
         experiment_name(1, 0): {"val": {"acc": 75.0}, "seconds": 100.0},  # seeds 1 and 2 still queued
     }
-    rows = ladder_rows(read_experiments(shown_json(results)))
+    shown = shown_json(results)
+    rows = ladder_rows(read_experiments(shown))
     assert [row[0] for row in rows] == [0]
+    # A running experiment shows the baseline's metrics under its name until it finishes: not counted.
+    shown[1]["experiments"][0]["executor"] = {"state": "running"}
+    assert experiment_name(0, 0) not in read_experiments(shown) and not ladder_rows(read_experiments(shown))
+    shown[1]["experiments"][0]["executor"] = {"state": "success"}
+    assert [row[0] for row in ladder_rows(read_experiments(shown))] == [0]
     table = format_table(rows)
     assert "| 0 | the 3rd try" in table and "| 72.00 ± 1.00 | 71.00, 72.00, 73.00 | 110 |" in table
 
