@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
 from stages.errors import PipelineError
 from stages.outputs import atomic_dir
@@ -133,6 +132,8 @@ def load_dataset(data_dir=DATASET_DIR):
     data_dir = Path(data_dir)
     if not (data_dir / "classes.json").exists():
         raise PipelineError(f"no dataset in {data_dir}; run `dvc repro download` first")
+
+    import torch  # here, not at the top: the download stage, which needs none of torch, starts seconds sooner
 
     def split(name):
         images = torch.from_numpy(np.load(data_dir / f"{name}_images.npy"))

@@ -138,13 +138,8 @@ class Airbench(nn.Module):
         self.whiten.weight.copy_(torch.cat([filters, -filters]))
 
 
+# Names as params.yaml gives them; stages.params.MODEL_OPTIONS lists the same (a test keeps them in step).
 MODELS = {"lenet": LeNet, "lenet2": LeNet2, "lenet2_bn": LeNet2BN, "airbench": Airbench}
-# The keys a try may set for its model only (params.yaml), by model: widths (its WIDTHS), whiten_bias_epochs.
-MODEL_OPTIONS = {"airbench": ("widths", "whiten_bias_epochs")}
-
-
-def models_taking(option):
-    return [name for name, options in MODEL_OPTIONS.items() if option in options]
 
 
 def build_model(name, num_classes=10, widths=None):
@@ -153,8 +148,9 @@ def build_model(name, num_classes=10, widths=None):
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
     if widths is None:
         return MODELS[name](num_classes)
-    if name not in models_taking("widths"):
-        raise ValueError(f"model {name!r} has fixed widths; only {', '.join(models_taking('widths'))} takes widths")
+    if not hasattr(MODELS[name], "WIDTHS"):
+        taking = [other for other, model in MODELS.items() if hasattr(model, "WIDTHS")]
+        raise ValueError(f"model {name!r} has fixed widths; only {', '.join(taking)} takes widths")
     return MODELS[name](num_classes, tuple(widths))
 
 

@@ -17,13 +17,17 @@ from pathlib import Path
 import yaml
 
 from stages.errors import ParamsError, PipelineError
-from stages.models import MODEL_OPTIONS, MODELS, models_taking
 
 PARAMS_FILE = Path("params.yaml")
 CONFIGS_DIR = Path("configs")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 TTA_MODES = ("none", "flip", "flip_translate")
+# Every model a try may name (stages.models.MODELS), with the keys a try may set for that model only,
+# and how many widths it takes (one per block). Kept here rather than read off the model classes so
+# that the stages that only read params.yaml (download, configure) start without importing torch.
+MODEL_OPTIONS = {"lenet": (), "lenet2": (), "lenet2_bn": (), "airbench": ("widths", "whiten_bias_epochs")}
+WIDTH_COUNTS = {"airbench": 3}
 # Try names become file names (models/<try>.pt) and DVC stage names (train@<try>).
 TRY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
@@ -105,7 +109,7 @@ AUGMENT_SCHEMA = {
 }
 # Keys of a try only, never of train: its model, and options that only some models take (MODEL_OPTIONS).
 # An option left out means the model's own widths, a whitening bias that trains throughout.
-MODEL_SCHEMA = {"model": one_of(*MODELS), "widths": WIDTHS, "whiten_bias_epochs": NON_NEGATIVE_INT}
+MODEL_SCHEMA = {"model": one_of(*MODEL_OPTIONS), "widths": WIDTHS, "whiten_bias_epochs": NON_NEGATIVE_INT}
 TRY_SCHEMA = {**MODEL_SCHEMA, **TRAIN_SCHEMA}
 CONFIG_KEYS = ("model", *TRAIN_SCHEMA)  # the keys every effective config of a try has
 SECTIONS = {"data": DATA_SCHEMA, "train": TRAIN_SCHEMA, "augment": AUGMENT_SCHEMA, "tries": None}
@@ -155,17 +159,21 @@ def check_combination(params, name):
         )
     model = config["model"]
     for option in sorted(config.keys() & (MODEL_SCHEMA.keys() - {"model"})):
-        if option not in MODEL_OPTIONS.get(model, ()):
+        if option not in MODEL_OPTIONS[model]:
             problems.append(
                 f"tries.{name}.{option}: model {model!r} does not take it; only "
                 f"{', '.join(models_taking(option))} does, so remove the key"
             )
-    count = len(getattr(MODELS[model], "WIDTHS", ()))
+    count = WIDTH_COUNTS.get(model)
     if "widths" in config and count and len(config["widths"]) != count:
         problems.append(
             f"tries.{name}.widths: got {config['widths']!r}; model {model!r} takes {count} widths, one per block"
         )
     return problems
+
+
+def models_taking(option):
+    return [name for name, options in MODEL_OPTIONS.items() if option in options]
 
 
 def check_tries(tries):

@@ -42,6 +42,12 @@ GIT_IDENTITY = {
 }
 
 
+def pytest_collection_modifyitems(items):
+    """End-to-end files first: each takes a minute or more, and the quick files fill in around them
+    (the suite runs files side by side, pyproject.toml); a file's own tests keep their order."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+
+
 @pytest.fixture(scope="session")
 def archive_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("archives")

@@ -2,11 +2,14 @@
 
 import ast
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
 
-from stages.params import SECTIONS, TRAIN_SCHEMA
+from stages.models import MODELS
+from stages.params import MODEL_OPTIONS, SECTIONS, TRAIN_SCHEMA, WIDTH_COUNTS
 from tests.conftest import ROOT
 
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -36,7 +39,7 @@ def imported_stage_modules(module, seen=None, skip=()):
 @pytest.mark.parametrize("name, stage", list(stage_definitions()), ids=[n for n, _ in stage_definitions()])
 def test_each_stage_lists_all_the_code_it_runs(name, stage):
     module = re.fullmatch(r"python -m stages\.(\w+)( .*)?", stage["cmd"]).group(1)
-    # params.py only validates params.yaml (models.py, for it, is a list of names), except for configure
+    # params.py only validates params.yaml, except for configure
     # and train, which resolve each try's config with it; a stage that builds models imports models.py itself.
     validates_only = () if name in ("configure", "train") else ("params",)
     code = {f"stages/{m}.py" for m in {module} | imported_stage_modules(module, skip=validates_only)}
@@ -44,6 +47,20 @@ def test_each_stage_lists_all_the_code_it_runs(name, stage):
     code -= {f"stages/{m}.py" for m in validates_only}
     deps = {d for d in stage["deps"] if d.startswith("stages/")}
     assert deps == code
+
+
+def test_params_knows_every_model_and_how_many_widths_it_takes():
+    assert list(MODEL_OPTIONS) == list(MODELS)
+    takes_widths = {name: len(model.WIDTHS) for name, model in MODELS.items() if hasattr(model, "WIDTHS")}
+    assert WIDTH_COUNTS == takes_widths
+    assert {name for name, options in MODEL_OPTIONS.items() if "widths" in options} == set(takes_widths)
+
+
+@pytest.mark.parametrize("stage", ["download", "configure"])
+def test_stages_that_only_read_params_start_without_torch(stage):
+    """Importing torch takes seconds; each of these stages runs in every experiment."""
+    probe = f"import sys, stages.{stage}; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], cwd=ROOT).returncode == 0, f"stages.{stage} imports torch"
 
 
 def test_each_params_section_is_used_by_a_stage_and_exists():

@@ -50,8 +50,8 @@ def shown_json(results):
 
 def test_the_table_shows_mean_and_std_of_rungs_whose_seeds_all_finished():
     results = {
-        experiment_name(0, 0): {"val": {"acc": 71.0}, "seconds": 100.0},
-        experiment_name(0, 1): {"val": {"acc": 72.0}, "seconds": 110.0},
+        experiment_name(0, 0): {"val": {"acc": 71.0}, "seconds": 110.0},
+        experiment_name(0, 1): {"val": {"acc": 72.0}, "seconds": 100.0},  # the fastest: the one shown
         experiment_name(0, 2): {"val": {"acc": 73.0}, "seconds": 120.0},
         experiment_name(1, 0): {"val": {"acc": 75.0}, "seconds": 100.0},  # seeds 1 and 2 still queued
     }
@@ -64,7 +64,7 @@ def test_the_table_shows_mean_and_std_of_rungs_whose_seeds_all_finished():
     shown[1]["experiments"][0]["executor"] = {"state": "success"}
     assert [row[0] for row in ladder_rows(read_experiments(shown))] == [0]
     table = format_table(rows)
-    assert "| 0 | the 3rd try" in table and "| 72.00 ± 1.00 | 71.00, 72.00, 73.00 | 110 |" in table
+    assert "| 0 | the 3rd try" in table and "| 72.00 ± 1.00 | 71.00, 72.00, 73.00 | 100 |" in table
 
 
 @pytest.mark.e2e
