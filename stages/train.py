@@ -27,7 +27,7 @@ from stages.errors import PipelineError, exits_cleanly
 from stages.models import build_model, count_parameters
 from stages.outputs import atomic_path, outputs_for, write_csv, write_json
 from stages.params import read_try_config
-from stages.recipe import Lookahead, LrSchedule, build_optimizer, predict
+from stages.recipe import Lookahead, LrSchedule, Optimizers, build_optimizer, predict
 from stages.translate import FlipTranslate
 
 MEAN, STD = 0.5, 0.5  # the post's Normalize((0.5,)*3, (0.5,)*3)
@@ -247,7 +247,7 @@ def freeze_whitening_bias(model, config, epoch):
 class Updates(NamedTuple):
     """What changes the weights at each step: the optimizer, the lr schedule it follows, the weight averaging."""
 
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | Optimizers  # Optimizers: Muon for the filters beside another
     schedule: LrSchedule | None = None
     lookahead: Lookahead | None = None
 

@@ -50,7 +50,7 @@ def test_each_stage_lists_all_the_code_it_runs(name, stage):
 
 
 def test_params_knows_every_model_and_how_many_widths_it_takes():
-    assert list(MODEL_OPTIONS) == list(MODELS)
+    assert list(MODEL_OPTIONS) == list(MODELS), "a model of stages.models needs its entry in stages.params"
     takes_widths = {name: len(model.WIDTHS) for name, model in MODELS.items() if hasattr(model, "WIDTHS")}
     assert WIDTH_COUNTS == takes_widths
     assert {name for name, options in MODEL_OPTIONS.items() if "widths" in options} == set(takes_widths)
