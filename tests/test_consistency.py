@@ -39,8 +39,8 @@ def imported_stage_modules(module, seen=None, skip=()):
 @pytest.mark.parametrize("name, stage", list(stage_definitions()), ids=[n for n, _ in stage_definitions()])
 def test_each_stage_lists_all_the_code_it_runs(name, stage):
     module = re.fullmatch(r"python -m stages\.(\w+)( .*)?", stage["cmd"]).group(1)
-    # params.py only validates params.yaml, except for configure
-    # and train, which resolve each try's config with it; a stage that builds models imports models.py itself.
+    # params.py only validates params.yaml, except for configure and train, which resolve each try's config
+    # with it; a stage that builds models imports models.py itself.
     validates_only = () if name in ("configure", "train") else ("params",)
     code = {f"stages/{m}.py" for m in {module} | imported_stage_modules(module, skip=validates_only)}
     code -= {"stages/errors.py", "stages/outputs.py"}  # how errors and files are written, not what is computed
