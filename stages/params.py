@@ -142,9 +142,20 @@ def check_params(params):
             problems += check_mapping(section, params[section], schema, required=schema)
     if "tries" in params:
         problems += check_tries(params["tries"])
-    if not problems:
-        problems += [problem for name in params["tries"] for problem in check_combination(params, name)]
+    # A combination can only be judged on valid values: checked for each try whose own keys and train's are.
+    if "train" in params and not concern(problems, "train") and isinstance(params.get("tries"), dict):
+        problems += [
+            problem
+            for name in params["tries"]
+            if not concern(problems, f"tries.{name}")
+            for problem in check_combination(params, name)
+        ]
     return problems
+
+
+def concern(problems, where):
+    """Whether any of problems is about where (a section, a try) or a key inside it."""
+    return any(problem.startswith((f"{where}:", f"{where}.")) for problem in problems)
 
 
 def check_combination(params, name):

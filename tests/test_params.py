@@ -155,6 +155,26 @@ def test_all_problems_come_in_one_message(tmp_path, params):
     assert all(key in message for key in ("tries.lenet.epoch", "train.lr", "tries.lenet2.model"))
 
 
+def test_a_combination_that_cannot_work_is_named_beside_other_problems(params):
+    params["tries"]["lenet"]["epoch"] = 3
+    params["augment"]["rotation"] = -1
+    params["tries"]["lenet2_aug"]["nesterov"] = True  # with adam: valid alone, not with the try's optimizer
+    problems = check_params(params)
+    assert len(problems) == 3, problems
+    assert [problem.split(":")[0] for problem in problems] == [
+        "augment.rotation",
+        "tries.lenet.epoch",
+        "tries.lenet2_aug.nesterov",
+    ]
+    # Train's own values unsound: no try's combination can be judged, and none is guessed at.
+    params["train"]["momentum"] = -1
+    assert [problem.split(":")[0] for problem in check_params(params)] == [
+        "train.momentum",
+        "augment.rotation",
+        "tries.lenet.epoch",
+    ]
+
+
 @pytest.mark.parametrize("text, expected", [("train: [", "not valid YAML"), ("", "expected a mapping")])
 def test_unreadable_params_files_are_refused(tmp_path, text, expected):
     path = tmp_path / "params.yaml"
