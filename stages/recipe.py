@@ -41,6 +41,7 @@ def plain_optimizer(config, model, named_parameters):
     With norm_bias_lr != 1, the biases of the normalisation layers (the only parameters they train)
     get their own group with lr multiplied by it and weight decay divided by it, so that the decay's
     pull per step, lr x weight_decay, is the same for every parameter (airbench's bias_scaler).
+    airbench94_muon also gives its whitening layer's bias that lr; on the 4th try that did not help (README).
     Not fused: on a 2-core CPU fused Adam saves ~5% of the model step but leaves the augmentation
     that follows it 20-30% slower, and it rounds differently from the results recorded so far.
     """
