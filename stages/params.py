@@ -143,7 +143,7 @@ def check_params(params):
     if "tries" in params:
         problems += check_tries(params["tries"])
     # A combination can only be judged on valid values: checked for each try whose own keys and train's are.
-    if "train" in params and not concern(problems, "train") and isinstance(params.get("tries"), dict):
+    if not concern(problems, "train") and isinstance(params.get("tries"), dict):
         problems += [
             problem
             for name in params["tries"]

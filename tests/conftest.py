@@ -163,6 +163,17 @@ def without_time(metrics):
     return {key: value for key, value in metrics.items() if key != "seconds"}
 
 
+def outputs_in(directory, name):
+    """The paths try name's train stage writes, under directory instead of the project's root."""
+    return TryOutputs(*(directory / path for path in outputs_for(name)))
+
+
+def same_weights(*outputs):
+    """Whether the checkpoints of two TryOutputs hold equal weights, bit for bit."""
+    first, second = (torch.load(o.model, weights_only=True)["state_dict"] for o in outputs)
+    return all(torch.equal(first[k], second[k]) for k in first)
+
+
 def run_queue(project, jobs=2, timeout=600):
     """`dvc queue start -j jobs`, then waits until nothing is queued or running."""
     dvc("queue", "start", "-j", str(jobs), cwd=project)
@@ -203,6 +214,6 @@ def trained_try(tmp_path_factory, learnable_dataset):
     directory = tmp_path_factory.mktemp("trained")
     params = load_params(ROOT / "params.yaml")
     config = {**resolve_try(params, "lenet"), **E2E_TRAIN}
-    outputs = TryOutputs(*(directory / path for path in outputs_for("lenet")))
+    outputs = outputs_in(directory, "lenet")
     train(config, params["augment"], learnable_dataset, outputs, "lenet")
     return outputs

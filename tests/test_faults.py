@@ -19,10 +19,9 @@ from stages import train as train_stage
 from stages.data import ArchiveError, load_dataset
 from stages.download import DownloadError, download
 from stages.errors import PipelineError
-from stages.outputs import TryOutputs, outputs_for
 from stages.params import load_params, resolve_try
 from tests.cifar_archive import TOP, batch_files
-from tests.conftest import ROOT, dvc, edit_params, run, tool_env
+from tests.conftest import ROOT, dvc, edit_params, outputs_in, run, tool_env
 
 
 class FlakyServer:
@@ -183,7 +182,7 @@ def test_running_out_of_gpu_memory_says_so_and_suggests_a_smaller_batch(tmp_path
 
     monkeypatch.setattr(train_stage, "train_one_epoch", out_of_memory)
     params = load_params(downloaded / "params.yaml")
-    outputs = TryOutputs(*(tmp_path / path for path in outputs_for("lenet")))
+    outputs = outputs_in(tmp_path, "lenet")
     dataset = load_dataset(downloaded / "data" / "cifar10")
     with pytest.raises(PipelineError, match="lenet: out of GPU memory with batch_size 50; set a smaller"):
         train_stage.train(resolve_try(params, "lenet"), params["augment"], dataset, outputs, "lenet")

@@ -13,7 +13,7 @@ from stages.models import build_model
 from stages.params import load_params, resolve_try
 from stages.recipe import LrSchedule
 from stages.train import FIT_IMAGES, evaluate, normalise, train
-from tests.conftest import ROOT
+from tests.conftest import ROOT, outputs_in, same_weights
 
 PARAMS = load_params(ROOT / "params.yaml")
 SMALL = {"widths": [16, 16, 32], "epochs": 1, "batch_size": 100, "lr": 0.15, "device": "cpu"}
@@ -39,8 +39,7 @@ INGREDIENTS = {
 
 def train_small(dataset, directory, **changes):
     """(metrics, outputs) of PLAIN with changes, trained on dataset."""
-    outputs = train_module.outputs_for("airbench")
-    outputs = type(outputs)(*(directory / path for path in outputs))
+    outputs = outputs_in(directory, "airbench")
     metrics = train({**PLAIN, **changes}, PARAMS["augment"], dataset, outputs, "airbench")
     return metrics, outputs
 
@@ -59,19 +58,11 @@ def trained(tmp_path_factory, learnable_dataset):
     return once
 
 
-def weights(outputs):
-    return torch.load(outputs.model, weights_only=True)["state_dict"]
-
-
-def same_weights(first, second):
-    return all(torch.equal(first[key], second[key]) for key in first)
-
-
 @pytest.mark.parametrize("baseline, ingredient", INGREDIENTS.values(), ids=INGREDIENTS)
 def test_each_ingredient_changes_the_trained_weights(trained, baseline, ingredient):
     _, without = trained(**baseline)
     _, with_it = trained(**baseline, **ingredient)
-    assert not same_weights(weights(without), weights(with_it))
+    assert not same_weights(without, with_it)
 
 
 @pytest.mark.parametrize("tta", ["flip", "flip_translate"])
@@ -79,7 +70,7 @@ def test_the_final_evaluation_and_the_report_take_the_trys_test_time_views(train
     plain, plain_outputs = trained()
     viewed, outputs = trained(tta=tta)
     # The views change what is evaluated, not what is trained.
-    assert same_weights(weights(plain_outputs), weights(outputs))
+    assert same_weights(plain_outputs, outputs)
     assert viewed["val"]["loss"] != plain["val"]["loss"]
     checkpoint = inference.load_checkpoint(outputs.model)
     assert inference.test_time_views(checkpoint) == tta

@@ -6,10 +6,9 @@ import json
 
 import pytest
 
-from stages.outputs import TryOutputs, outputs_for
 from stages.params import resolve_try
 from stages.train import train
-from tests.conftest import dvc, exp_show, make_project, run_queue, without_time
+from tests.conftest import dvc, exp_show, make_project, outputs_in, run_queue, without_time
 
 pytestmark = pytest.mark.e2e
 # Every point differs from the project's own lr 0.001 and seed 0, so every point trains: none is
@@ -38,7 +37,7 @@ def test_a_queued_sweep_runs_every_point_with_its_own_params_and_metrics(lean_pr
         point = without_time(metrics["metrics/lenet.json"])
         points[params["train"]["lr"], params["train"]["seed"]] = point
         # What a run of the same config in this process gives, bit for bit: no two runs saw each other's files.
-        outputs = TryOutputs(*(tmp_path / name / path for path in outputs_for("lenet")))
+        outputs = outputs_in(tmp_path / name, "lenet")
         expected = train(resolve_try(params, "lenet"), params["augment"], learnable_dataset, outputs, name)
         assert point == without_time(expected), name
     assert sorted(points) == [(lr, seed) for lr in LRS for seed in SEEDS]

@@ -20,13 +20,12 @@ from stages.train import (
     evaluate,
     keep_freed_memory,
     normalise,
-    outputs_for,
     raise_if_not_finite,
     take,
     train,
     train_one_epoch,
 )
-from tests.conftest import ROOT, SMALL_DATA_TRIES
+from tests.conftest import ROOT, SMALL_DATA_TRIES, outputs_in, same_weights, without_time
 
 QUICK = {"epochs": 2, "batch_size": 64}  # 64 does not divide 1,000: the last batch is partial
 
@@ -41,14 +40,9 @@ def params():
     return load_params(ROOT / "params.yaml")
 
 
-def without_time(metrics):
-    return {key: value for key, value in metrics.items() if key != "seconds"}
-
-
 def run_try(params, dataset, directory, name, **overrides):
     config = {**resolve_try(params, name), **QUICK, **SMALL_DATA_TRIES.get(name, {}), **overrides}
-    outputs = outputs_for(name)
-    outputs = type(outputs)(*(directory / path for path in outputs))
+    outputs = outputs_in(directory, name)
     return train(config, params["augment"], dataset, outputs, name), outputs
 
 
@@ -78,11 +72,6 @@ def test_same_seed_gives_identical_results_and_another_seed_does_not(tmp_path, p
     other, _ = run_try(params, dataset, tmp_path / "c", "lenet2_aug", seed=1)
     assert without_time(first) == without_time(again) and without_time(first) != without_time(other)
     assert same_weights(first_out, again_out)
-
-
-def same_weights(*outputs):
-    first, second = (torch.load(o.model, weights_only=True)["state_dict"] for o in outputs)
-    return all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_preparing_batches_ahead_changes_nothing(tmp_path, params, dataset, monkeypatch):
