@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from benchmarks.post_loop import POST_MODELS, post_epoch, post_loaders
 from stages.data import Split, read_archive_batches
 from stages.download import read_members
-from stages.models import build_model
+from stages.models import build_model_for
 from stages.params import load_params, resolve_try
 from stages.recipe import build_optimizer
 from stages.train import (
@@ -78,7 +78,7 @@ def timed(device, function, *args):
 def fresh_model(config, train_split, device, rounds=1):
     """The pipeline's network and what updates it, as stages.train builds them, for rounds epochs of train_split."""
     torch.manual_seed(config["seed"])
-    model = build_model(config["model"], widths=config.get("widths")).to(device, memory_format=torch.channels_last)
+    model = build_model_for(config).to(device, memory_format=torch.channels_last)
     fit_first_layer(model, train_split)
     steps = rounds * -(-len(train_split.labels) // config["batch_size"])
     return model, build_updates(config, model, steps)
@@ -88,7 +88,7 @@ def fresh_post_model(config, device):
     """The post's network as written and its optimizer, Adam(lr), in NCHW; for the 4th try, the pipeline's."""
     torch.manual_seed(config["seed"])
     if config["model"] not in POST_MODELS:
-        model = build_model(config["model"], widths=config.get("widths")).to(device)
+        model = build_model_for(config).to(device)
         return model, build_optimizer(config, model)
     model = POST_MODELS[config["model"]]().to(device)
     return model, torch.optim.Adam(model.parameters(), lr=config["lr"])

@@ -20,7 +20,8 @@ TRY = "airbench"
 PREFIX = "ladder"
 SEEDS = (0, 1, 2)
 POST_RECIPE = {  # the 3rd try: LeNet_2, Adam, the post's augmentation; every other ingredient off
-    "model": "lenet2", "widths": None, "whiten_bias_epochs": None, "batch_size": 100, "optimizer": "adam",
+    "model": "lenet2", "widths": None, "batchnorm_momentum": None, "logit_divisor": None, "whiten_bias_epochs": None,
+    "batch_size": 100, "optimizer": "adam",
     "lr": 0.001, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0, "norm_bias_lr": 1.0, "muon_lr": 0.0,
     "muon_momentum": 0.6, "warmup": 0.0, "lr_start": 1.0, "lr_end": 1.0, "label_smoothing": 0.0, "lookahead": 0.0,
     "augment": True, "flip": False, "translate": 0, "tta": "none",
@@ -32,7 +33,13 @@ RUNGS = [
     (
         "airbench_net",
         "+ airbench's net (whitening, 2 convolutions per block, GELU)",
-        {"model": "airbench", "widths": [32, 64, 128], "whiten_bias_epochs": 3},
+        {
+            "model": "airbench",
+            "widths": [32, 64, 128],
+            "batchnorm_momentum": 0.4,
+            "logit_divisor": 9,
+            "whiten_bias_epochs": 3,
+        },
     ),  # fmt: skip
     (
         "sgd_schedule",

@@ -20,7 +20,7 @@ import torch
 from torch.nn import functional as F
 
 from stages.errors import FILE_ERRORS, PipelineError, file_problem
-from stages.models import MODELS, build_model
+from stages.models import MODELS, build_model_for
 from stages.recipe import predict
 from stages.train import EVAL_BATCH, normalise
 
@@ -55,7 +55,7 @@ def load_checkpoint(path):
         raise CheckpointError(f"{path}: config.model is {found!r}; models are {', '.join(MODELS)}")
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise CheckpointError(f"{path}: classes must be a list of class names, found {classes!r}")
-    model = build_model(config["model"], len(classes), config.get("widths"))
+    model = build_model_for(config, len(classes))
     load_weights(model, contents["state_dict"], path)
     model.to(memory_format=torch.channels_last).eval()  # the layout training evaluated in: same rounding
     return Checkpoint(model, config, classes, contents["history"])

@@ -6,6 +6,8 @@ gradients bit for bit (tests/test_models.py checks it), and ReLU on the pooled
 map touches a quarter of the values.
 """
 
+import inspect
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -69,12 +71,12 @@ class LeNet2BN(LeNet2):
 class ConvGroup(nn.Module):
     """airbench's block: conv, 2x2 max-pool, BatchNorm, GELU, then conv, BatchNorm, GELU at the pooled size."""
 
-    def __init__(self, channels_in, channels_out):
+    def __init__(self, channels_in, channels_out, batchnorm_momentum):
         super().__init__()
         self.conv1 = dirac_conv(channels_in, channels_out)
-        self.norm1 = shift_only_norm(channels_out)
+        self.norm1 = shift_only_norm(channels_out, batchnorm_momentum)
         self.conv2 = dirac_conv(channels_out, channels_out)
-        self.norm2 = shift_only_norm(channels_out)
+        self.norm2 = shift_only_norm(channels_out, batchnorm_momentum)
 
     def forward(self, x):
         x = F.gelu(self.norm1(F.max_pool2d(self.conv1(x), 2)))
@@ -88,9 +90,9 @@ def dirac_conv(channels_in, channels_out):
     return conv
 
 
-def shift_only_norm(channels):
-    """BatchNorm that learns a shift only (the following convolution can scale); eps and momentum as airbench's."""
-    norm = nn.BatchNorm2d(channels, eps=1e-12, momentum=0.4)
+def shift_only_norm(channels, momentum):
+    """BatchNorm that learns a shift only (the following convolution can scale); eps as airbench's."""
+    norm = nn.BatchNorm2d(channels, eps=1e-12, momentum=momentum)
     norm.weight.requires_grad_(False)
     return norm
 
@@ -99,20 +101,27 @@ class Airbench(nn.Module):
     """4th try: the layout of airbench (Keller Jordan, 2024), the fastest CIFAR-10 trainer, at widths a CPU affords.
 
     A frozen 2x2 whitening convolution (fit_to_data sets it from the training images), then three
-    blocks of two convolutions each, global max-pooling and a linear layer scaled down by 9.
+    blocks of two convolutions each, global max-pooling and a linear layer whose outputs are scaled down.
     """
 
-    WIDTHS = (32, 64, 128)  # channels of the three blocks when a try sets no widths
+    # When a try sets none of them (params.yaml's 4th try sets each): airbench94's widths scaled down to what a
+    # CPU affords, and airbench94's BatchNorm momentum (its 0.6 is the running statistics' share: torch counts
+    # the new batch's) and scaling of the logits (1/9).
+    WIDTHS = (32, 64, 128)
+    BATCHNORM_MOMENTUM = 0.4
+    LOGIT_DIVISOR = 9
     WHITENING_EPS = 5e-4  # added to the patch covariance's eigenvalues: keeps near-constant directions finite
 
-    def __init__(self, num_classes=10, widths=WIDTHS):
+    def __init__(self, num_classes=10, widths=WIDTHS, batchnorm_momentum=BATCHNORM_MOMENTUM,
+                 logit_divisor=LOGIT_DIVISOR):  # fmt: skip
         super().__init__()
         self.whiten = nn.Conv2d(3, 24, 2)  # 2 x (3 channels x 2 x 2): each whitened direction and its opposite
         self.whiten.weight.requires_grad_(False)
-        self.block1 = ConvGroup(24, widths[0])
-        self.block2 = ConvGroup(widths[0], widths[1])
-        self.block3 = ConvGroup(widths[1], widths[2])
+        self.block1 = ConvGroup(24, widths[0], batchnorm_momentum)
+        self.block2 = ConvGroup(widths[0], widths[1], batchnorm_momentum)
+        self.block3 = ConvGroup(widths[1], widths[2], batchnorm_momentum)
         self.head = nn.Linear(widths[2], num_classes, bias=False)
+        self.logit_divisor = logit_divisor
 
     def forward(self, x):  # (B, 3, 32, 32)
         x = F.gelu(self.whiten(x))  # (B, 24, 31, 31)
@@ -120,7 +129,7 @@ class Airbench(nn.Module):
         x = self.block2(x)  # (B, w2, 7, 7)
         x = self.block3(x)  # (B, w3, 3, 3)
         x = F.max_pool2d(x, x.shape[-1]).flatten(1)  # (B, w3)
-        return self.head(x) / 9  # smaller logits at the start train better with a high lr (airbench)
+        return self.head(x) / self.logit_divisor  # smaller logits at the start train better with a high lr
 
     @torch.no_grad()
     def fit_to_data(self, images):
@@ -142,16 +151,28 @@ class Airbench(nn.Module):
 MODELS = {"lenet": LeNet, "lenet2": LeNet2, "lenet2_bn": LeNet2BN, "airbench": Airbench}
 
 
-def build_model(name, num_classes=10, widths=None):
-    """A fresh model of MODELS; widths (channel counts) only for a model that takes them, None: its default."""
+def build_model(name, num_classes=10, **options):
+    """A fresh model of MODELS; options (widths, ...) only those the model takes, and None means its default."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
-    if widths is None:
-        return MODELS[name](num_classes)
-    if not hasattr(MODELS[name], "WIDTHS"):
-        taking = [other for other, model in MODELS.items() if hasattr(model, "WIDTHS")]
-        raise ValueError(f"model {name!r} has fixed widths; only {', '.join(taking)} takes widths")
-    return MODELS[name](num_classes, tuple(widths))
+    options = {key: value for key, value in options.items() if value is not None}
+    for option in sorted(options.keys() - model_options(name)):
+        taking = [other for other in MODELS if option in model_options(other)]
+        raise ValueError(f"model {name!r} does not take {option}; only {', '.join(taking) or 'no model'} does")
+    if "widths" in options:
+        options["widths"] = tuple(options["widths"])
+    return MODELS[name](num_classes, **options)
+
+
+def build_model_for(config, num_classes=10):
+    """The model a try's config names, built with the keys of the config that the model takes."""
+    name = config["model"]
+    return build_model(name, num_classes, **{key: config.get(key) for key in model_options(name)})
+
+
+def model_options(name):
+    """The keys that model name's constructor takes besides num_classes (widths, ...)."""
+    return inspect.signature(MODELS[name]).parameters.keys() - {"num_classes"}
 
 
 def count_parameters(model):

@@ -26,7 +26,12 @@ TTA_MODES = ("none", "flip", "flip_translate")
 # Every model a try may name (stages.models.MODELS), with the keys a try may set for that model only,
 # and how many widths it takes (one per block). Kept here rather than read off the model classes so
 # that the stages that only read params.yaml (download, configure) start without importing torch.
-MODEL_OPTIONS = {"lenet": (), "lenet2": (), "lenet2_bn": (), "airbench": ("widths", "whiten_bias_epochs")}
+MODEL_OPTIONS = {
+    "lenet": (),
+    "lenet2": (),
+    "lenet2_bn": (),
+    "airbench": ("widths", "batchnorm_momentum", "logit_divisor", "whiten_bias_epochs"),
+}
 WIDTH_COUNTS = {"airbench": 3}
 # Try names become file names (models/<try>.pt) and DVC stage names (train@<try>).
 TRY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -68,6 +73,7 @@ SCALE_RANGE = Rule(
     lambda v: isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v) and 0 < v[0] <= v[1],
 )
 
+MOMENTUM_SHARE = Rule("a number > 0 and <= 1", lambda v: _is_number(v) and 0 < v <= 1)
 WIDTHS = Rule(
     "a list of positive integers, one per block of the model, e.g. [24, 64, 128]",
     lambda v: isinstance(v, list) and bool(v) and all(_is_int(x) and x > 0 for x in v),
@@ -108,8 +114,14 @@ AUGMENT_SCHEMA = {
     "saturation": NON_NEGATIVE_NUMBER,
 }
 # Keys of a try only, never of train: its model, and options that only some models take (MODEL_OPTIONS).
-# An option left out means the model's own widths, a whitening bias that trains throughout.
-MODEL_SCHEMA = {"model": one_of(*MODEL_OPTIONS), "widths": WIDTHS, "whiten_bias_epochs": NON_NEGATIVE_INT}
+# An option left out means the model's own value (its class constant), and a whitening bias that trains throughout.
+MODEL_SCHEMA = {
+    "model": one_of(*MODEL_OPTIONS),
+    "widths": WIDTHS,
+    "batchnorm_momentum": MOMENTUM_SHARE,
+    "logit_divisor": POSITIVE_NUMBER,
+    "whiten_bias_epochs": NON_NEGATIVE_INT,
+}
 TRY_SCHEMA = {**MODEL_SCHEMA, **TRAIN_SCHEMA}
 CONFIG_KEYS = ("model", *TRAIN_SCHEMA)  # the keys every effective config of a try has
 SECTIONS = {"data": DATA_SCHEMA, "train": TRAIN_SCHEMA, "augment": AUGMENT_SCHEMA, "tries": None}

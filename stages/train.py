@@ -24,7 +24,7 @@ from tqdm import tqdm
 from stages.augment import Augmentation
 from stages.data import DATASET_DIR, Dataset, Split, load_dataset
 from stages.errors import PipelineError, exits_cleanly
-from stages.models import build_model, count_parameters
+from stages.models import build_model_for, count_parameters
 from stages.outputs import atomic_path, outputs_for, write_csv, write_json
 from stages.params import read_try_config
 from stages.recipe import Lookahead, LrSchedule, Optimizers, build_optimizer, predict
@@ -205,7 +205,7 @@ def train(config, recipe, dataset, outputs, name="try"):
     # Augmentation reads and writes (N, C, H, W); everything else feeds the model channels_last directly.
     train_split = on_device(dataset.train, device, channels_last=augment is None)
     data = Dataset(train_split, on_device(dataset.test, device, channels_last=True), dataset.classes)
-    model = build_model(config["model"], len(dataset.classes), config.get("widths"))
+    model = build_model_for(config, len(dataset.classes))
     model.to(device, memory_format=torch.channels_last)
     fit_first_layer(model, train_split)
     total_steps = config["epochs"] * math.ceil(len(data.train.labels) / config["batch_size"])

@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from stages.models import MODELS
+from stages.models import MODELS, model_options
 from stages.params import MODEL_OPTIONS, SECTIONS, TRAIN_SCHEMA, WIDTH_COUNTS
 from tests.conftest import ROOT
 
@@ -54,6 +54,10 @@ def test_params_knows_every_model_and_how_many_widths_it_takes():
     takes_widths = {name: len(model.WIDTHS) for name, model in MODELS.items() if hasattr(model, "WIDTHS")}
     assert WIDTH_COUNTS == takes_widths
     assert {name for name, options in MODEL_OPTIONS.items() if "widths" in options} == set(takes_widths)
+    # What a model's constructor takes, a try may set; the rest of a try's model options steer its training.
+    assert {name: set(options) - model_options(name) for name, options in MODEL_OPTIONS.items()} == {
+        "lenet": set(), "lenet2": set(), "lenet2_bn": set(), "airbench": {"whiten_bias_epochs"},
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("stage", ["download", "configure"])

@@ -34,6 +34,8 @@ INGREDIENTS = {
     "flip alternate": ({}, {"flip": "alternate"}),
     "translate": ({}, {"translate": 2}),
     "translate after the post's augmentation": ({"augment": True}, {"translate": 2}),
+    "batchnorm_momentum": ({}, {"batchnorm_momentum": 0.1}),  # the running statistics only
+    "logit_divisor": ({}, {"logit_divisor": 3}),
 }
 
 
@@ -82,6 +84,15 @@ def test_the_final_evaluation_and_the_report_take_the_trys_test_time_views(train
     with open(outputs.predictions) as f:
         recorded = [learnable_dataset.classes.index(row["predicted"]) for row in csv.DictReader(f)]
     assert predicted.tolist() == recorded
+
+
+def test_a_checkpoint_rebuilds_the_model_with_the_trys_options(trained, learnable_dataset):
+    metrics, outputs = trained(batchnorm_momentum=0.1, logit_divisor=3)
+    model = inference.load_checkpoint(outputs.model).model
+    assert model.logit_divisor == 3
+    assert {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}
+    # The divisor scales the logits, so the loss tells whether the rebuilt model uses it.
+    assert evaluate(model, learnable_dataset.test)["loss"] == pytest.approx(metrics["val"]["loss"], abs=1e-5)
 
 
 def test_the_schedule_sets_each_steps_lr_before_the_step(tmp_path, learnable_dataset, monkeypatch):

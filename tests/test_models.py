@@ -85,8 +85,22 @@ def test_airbench_takes_the_widths_a_try_sets_and_other_models_refuse_them():
     assert count_parameters(model) == airbench_parameters((16, 32, 48))
     assert model.block3(model.block2(model.block1(model.whiten(torch.zeros(2, 3, 32, 32))))).shape == (2, 48, 3, 3)
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
-    with pytest.raises(ValueError, match="model 'lenet2' has fixed widths; only airbench takes widths"):
+    with pytest.raises(ValueError, match="model 'lenet2' does not take widths; only airbench does"):
         build_model("lenet2", widths=[16, 32, 64])
+
+
+def test_airbench_takes_its_batchnorm_momentum_and_logit_divisor():
+    images = torch.randn(4, 3, 32, 32)
+    outputs = []
+    for divisor in (9, 3):
+        torch.manual_seed(0)
+        model = build_model("airbench", batchnorm_momentum=0.1, logit_divisor=divisor)
+        outputs.append(model(images))
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert len(norms) == 6 and {norm.momentum for norm in norms} == {0.1}
+    assert torch.allclose(outputs[1], outputs[0] * 3)
+    with pytest.raises(ValueError, match="model 'lenet' does not take logit_divisor; only airbench does"):
+        build_model("lenet", logit_divisor=9)
 
 
 def test_whitening_decorrelates_the_training_patches():

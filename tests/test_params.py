@@ -129,6 +129,23 @@ def test_an_unknown_try_is_named():
             "tries.x.whiten_bias_epochs: got -1; expected an integer >= 0",
         ),
         (
+            lambda p: p["tries"]["x"].update(logit_divisor=9),
+            "tries.x.logit_divisor: model 'lenet2' does not take it; only airbench does, so remove the key",
+        ),
+        (
+            lambda p: p["tries"]["x"].update(model="airbench", logit_divisor=0),
+            "tries.x.logit_divisor: got 0; expected a number > 0",
+        ),
+        (
+            lambda p: p["tries"]["x"].update(model="airbench", batchnorm_momentum=0),
+            "tries.x.batchnorm_momentum: got 0; expected a number > 0 and <= 1",
+        ),
+        (
+            lambda p: p["tries"]["x"].update(model="airbench", batchnorm_momentum=1.5),
+            "tries.x.batchnorm_momentum: got 1.5; expected a number > 0 and <= 1",
+        ),
+        (lambda p: p["train"].update(batchnorm_momentum=0.4), "train.batchnorm_momentum: unknown key"),
+        (
             lambda p: p["tries"]["x"].update(model="airnet"),
             "expected one of 'lenet', 'lenet2', 'lenet2_bn', 'airbench'",
         ),
