@@ -156,9 +156,12 @@ def build_model(name, num_classes=10, **options):
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
     options = {key: value for key, value in options.items() if value is not None}
-    for option in sorted(options.keys() - model_options(name)):
-        taking = [other for other in MODELS if option in model_options(other)]
-        raise ValueError(f"model {name!r} does not take {option}; only {', '.join(taking) or 'no model'} does")
+    refused = sorted(options.keys() - model_options(name))
+    if refused:
+        taking = ", ".join(other for other in MODELS if refused[0] in model_options(other))
+        raise ValueError(
+            f"model {name!r} does not take {refused[0]}; " + (f"only {taking} does" if taking else "no model does")
+        )
     if "widths" in options:
         options["widths"] = tuple(options["widths"])
     return MODELS[name](num_classes, **options)
