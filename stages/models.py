@@ -162,8 +162,6 @@ def build_model(name, num_classes=10, **options):
         raise ValueError(
             f"model {name!r} does not take {refused[0]}; " + (f"only {taking} does" if taking else "no model does")
         )
-    if "widths" in options:
-        options["widths"] = tuple(options["widths"])
     return MODELS[name](num_classes, **options)
 
 
