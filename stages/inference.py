@@ -13,6 +13,7 @@ and dicts only, so a file whose pickle would run code is refused without running
 import pickle
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -68,12 +69,20 @@ def read_checkpoint(path):
             # It warns about pickle protocols before refusing the file anyway; the refusal says more.
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint; `dvc repro` trains each try into models/<try>.pt") from None
     except FILE_ERRORS as error:
         raise CheckpointError(file_problem(path, error, "checkpoint")) from None
     except pickle.UnpicklingError as error:
         if "weights only load failed" not in str(error).lower():
             raise CheckpointError(f"{path}: not a readable checkpoint ({first_sentence(error)})") from None
         culprit = re.search(r"(?:GLOBAL|class) ([\w.]+)", str(error))
+        if not culprit and not zipfile.is_zipfile(path):
+            # An image or a JSON file fails the same way as a pickle that would run code: say what it is not.
+            raise CheckpointError(
+                f"{path}: not a checkpoint: stages/train.py writes them with torch.save, as zip archives "
+                "(models/<try>.pt), and this file is not one"
+            ) from None
         what = f"asks for {culprit.group(1)}" if culprit else "holds more than tensors and plain data"
         raise CheckpointError(
             f"{path}: refused: it {what}, which a checkpoint of stages/train.py never does; "

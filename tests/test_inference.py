@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from PIL import Image
 from torch.nn import functional as F
 
 from stages.inference import CheckpointError, load_checkpoint, predict_probabilities
@@ -87,12 +88,15 @@ def cut_near_its_end(path):
 
 
 BROKEN = {
-    "missing": (lambda path: None, r"no such checkpoint"),
+    "missing": (lambda path: None, r"no such checkpoint; `dvc repro` trains each try into models/<try>.pt"),
     "a-directory": (lambda path: path.mkdir(), r"a directory, not a file"),
     "empty": (lambda path: path.write_bytes(b""), r"not a readable checkpoint, truncated"),
     "truncated": (truncated, r"not a readable checkpoint, truncated"),
     "cut-near-its-end": (cut_near_its_end, r"not a readable checkpoint, truncated"),
     "text": (lambda path: path.write_text("hello\n"), r"not a readable checkpoint"),
+    # What the command gets when its arguments are swapped: the image where the checkpoint goes.
+    "an-image": (lambda path: Image.new("RGB", (8, 8)).save(path, "JPEG"), r"not a checkpoint: .* not one$"),
+    "a-json-file": (lambda path: path.write_text('{"model": "lenet"}'), r"not a checkpoint: .* not one$"),
     "a-list": (lambda path: torch.save([1, 2], path), r"holds a list, not a checkpoint of stages/train.py"),
     "lacks-keys": (
         lambda path: torch.save({"state_dict": {}, "config": {"model": "lenet"}}, path),

@@ -144,7 +144,14 @@ def test_a_bad_image_is_named_and_the_others_still_classified(capsys, tmp_path, 
 def test_a_bad_checkpoint_stops_before_any_image(capsys, tmp_path, test_images):
     status, out, err = run_main(capsys, tmp_path / "models" / "nothing.pt", *test_images)
     assert status == 1 and out == ""
-    assert err == f"error: {tmp_path / 'models' / 'nothing.pt'}: no such checkpoint\n"
+    assert err.startswith(f"error: {tmp_path / 'models' / 'nothing.pt'}: no such checkpoint; `dvc repro` trains")
+
+
+def test_an_image_given_as_the_checkpoint_is_called_not_a_checkpoint(capsys, test_images):
+    image, *others = test_images
+    status, out, err = run_main(capsys, image, *others)
+    assert status == 1 and out == ""
+    assert err.startswith(f"error: {image}: not a checkpoint: ") and "refused" not in err
 
 
 def test_the_command_refuses_a_hostile_checkpoint_without_running_it_or_a_traceback(tmp_path, test_images):
