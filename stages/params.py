@@ -154,14 +154,14 @@ def check_params(params):
             problems += check_mapping(section, params[section], schema, required=schema)
     if "tries" in params:
         problems += check_tries(params["tries"])
-    # A combination can only be judged on valid values: checked for each try whose own keys and train's are.
-    if not concern(problems, "train") and isinstance(params.get("tries"), dict):
-        problems += [
-            problem
-            for name in params["tries"]
-            if not concern(problems, f"tries.{name}")
-            for problem in check_combination(params, name)
-        ]
+    if isinstance(params.get("train"), dict) and isinstance(params.get("tries"), dict):
+        judgeable = {
+            name: judgeable_keys(problems, name)
+            for name, settings in params["tries"].items()
+            if isinstance(settings, dict)
+        }
+        problems += check_nesterov(params, judgeable)
+        problems += [problem for name in judgeable for problem in check_model_options(params, name, judgeable[name])]
     return problems
 
 
@@ -170,17 +170,39 @@ def concern(problems, where):
     return any(problem.startswith((f"{where}:", f"{where}.")) for problem in problems)
 
 
-def check_combination(params, name):
-    """Problems of keys that are each allowed but not together, in a try's effective config."""
+def judgeable_keys(problems, name):
+    """The keys of a try's effective config that no problem is about, in train or in the try: a combination
+    can only be judged on valid values, and is judged as soon as its own keys are valid."""
+    keys = TRAIN_SCHEMA.keys() | TRY_SCHEMA.keys()
+    return {
+        key for key in keys if not concern(problems, f"train.{key}") and not concern(problems, f"tries.{name}.{key}")
+    }
+
+
+def check_nesterov(params, judgeable):
+    """Nesterov needs SGD with a momentum: one problem per key that turns it on, naming the tries it breaks,
+    in each try whose nesterov, optimizer and momentum are judgeable (judgeable_keys)."""
+    broken = {}  # (where, optimizer, momentum) -> tries
+    for name, keys in judgeable.items():
+        config = resolve_try(params, name)
+        if {"nesterov", "optimizer", "momentum"} <= keys and config["nesterov"]:
+            if config["optimizer"] != "sgd" or config["momentum"] == 0:
+                where = f"tries.{name}.nesterov" if params["tries"][name].get("nesterov") else "train.nesterov"
+                broken.setdefault((where, config["optimizer"], config["momentum"]), []).append(name)
+    return [
+        f"{where}: true needs optimizer sgd and a momentum > 0, got optimizer {optimizer!r} and momentum "
+        f"{momentum} for {'try' if len(names) == 1 else 'tries'} {', '.join(names)}; "
+        "set nesterov to false or use sgd with momentum"
+        for (where, optimizer, momentum), names in broken.items()
+    ]
+
+
+def check_model_options(params, name, judgeable):
+    """Options of a try that its model does not take, and widths that do not fit it, once its model is valid."""
+    if "model" not in judgeable:
+        return []
     config = resolve_try(params, name)
-    problems = []
-    if config["nesterov"] and (config["optimizer"] != "sgd" or config["momentum"] == 0):
-        where = f"tries.{name}.nesterov" if params["tries"][name].get("nesterov") else "train.nesterov"
-        problems.append(
-            f"{where}: true needs optimizer sgd and a momentum > 0, got optimizer {config['optimizer']!r} "
-            f"and momentum {config['momentum']} for try {name}; set nesterov to false or use sgd with momentum"
-        )
-    model = config["model"]
+    model, problems = config["model"], []
     for option in sorted(config.keys() & (MODEL_SCHEMA.keys() - {"model"})):
         if option not in MODEL_OPTIONS[model]:
             problems.append(
@@ -188,7 +210,7 @@ def check_combination(params, name):
                 f"{', '.join(models_taking(option))} does, so remove the key"
             )
     count = WIDTH_COUNTS.get(model)
-    if "widths" in config and count and len(config["widths"]) != count:
+    if "widths" in config and "widths" in judgeable and count and len(config["widths"]) != count:
         problems.append(
             f"tries.{name}.widths: got {config['widths']!r}; model {model!r} takes {count} widths, one per block"
         )

@@ -183,13 +183,29 @@ def test_a_combination_that_cannot_work_is_named_beside_other_problems(params):
         "tries.lenet.epoch",
         "tries.lenet2_aug.nesterov",
     ]
-    # Train's own values unsound: no try's combination can be judged, and none is guessed at.
+    # A key the combination reads is unsound: it cannot be judged, and is not guessed at.
     params["train"]["momentum"] = -1
     assert [problem.split(":")[0] for problem in check_params(params)] == [
         "train.momentum",
         "augment.rotation",
         "tries.lenet.epoch",
     ]
+
+
+def test_combinations_are_judged_beside_unrelated_bad_keys_and_named_once(params):
+    params["train"].update(nesterov=True, epochs=0)  # with adam: breaks the three tries that inherit it
+    params["tries"]["airbench"].update(widths=[32, 64], flip="maybe")
+    problems = check_params(params)
+    assert [problem.split(":")[0] for problem in problems] == [
+        "train.epochs",
+        "tries.airbench.flip",
+        "train.nesterov",
+        "tries.airbench.widths",
+    ]
+    assert problems[2].endswith(
+        "got optimizer 'adam' and momentum 0.0 for tries lenet, lenet2, lenet2_aug; "
+        "set nesterov to false or use sgd with momentum"
+    )
 
 
 @pytest.mark.parametrize("text, expected", [("train: [", "not valid YAML"), ("", "expected a mapping")])
