@@ -34,6 +34,7 @@ from torch.nn import functional as F
 from benchmarks.post_loop import POST_MODELS, post_epoch, post_loaders
 from stages.data import Split, read_archive_batches
 from stages.download import read_members
+from stages.errors import PipelineError, exits_cleanly
 from stages.models import build_model_for
 from stages.params import load_params, resolve_try
 from stages.recipe import build_optimizer
@@ -159,18 +160,43 @@ def floor_steps(model, optimizer, ready, label_smoothing):
         optimizer.step()
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archive", help="cifar-10-python.tar.gz to take real images from (default: random ones)")
-    parser.add_argument("--train-images", type=int, default=10000)
-    parser.add_argument("--test-images", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is printed")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--tries", nargs="*", help="tries of params.yaml to run (default: all)")
-    args = parser.parse_args()
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}")
+    return value
 
+
+def parse_args(argv, params):
+    """The command line, checked against the machine and params.yaml: a bad argument is named as such."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.benchmark", description=__doc__.splitlines()[0])
+    parser.add_argument("--archive", help="cifar-10-python.tar.gz to take real images from (default: random ones)")
+    parser.add_argument("--train-images", type=positive_int, default=10000)
+    parser.add_argument("--test-images", type=positive_int, default=2000)
+    parser.add_argument("--rounds", type=positive_int, default=3, help="alternating rounds; the median is printed")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--tries", nargs="+", help="tries of params.yaml to run (default: all)")
+    args = parser.parse_args(argv)
+    if args.archive and not Path(args.archive).is_file():
+        parser.error(f"--archive: no such file: {args.archive}")
+    unknown = [name for name in args.tries or [] if name not in params["tries"]]
+    if unknown:
+        parser.error(f"--tries: {', '.join(unknown)} not in params.yaml; its tries are {', '.join(params['tries'])}")
+    try:
+        args.device = pick_device(args.device)
+    except PipelineError:
+        parser.error(f"--device {args.device}: not available on this machine; use auto or cpu")
+    return args
+
+
+@exits_cleanly
+def main(argv=None):
     params = load_params()
-    device = pick_device(args.device)
+    args = parse_args(argv, params)
+    device = args.device
     keep_freed_memory()  # as stages.train does; the post's loop gets it too, which can only flatter the post
     train, test = load_images(args.archive, args.train_images, args.test_images)
     print(f"machine: {platform.processor() or platform.machine()}, {describe(device)}, torch {torch.__version__}")
