@@ -1,14 +1,18 @@
 """End to end: the real `dvc` CLI on a temporary git copy of the project, data served over loopback HTTP."""
 
 import csv
+import io
 import json
 import re
+import shlex
 import shutil
 import subprocess
 
 import pytest
+import yaml
 
 from tests.conftest import (
+    ROOT,
     dvc,
     edit_params,
     make_project,
@@ -68,6 +72,30 @@ def test_metrics_show_lists_every_try_and_training_learns(reproduced):
         # Ten classes: chance is 10%; the archive's classes differ by colour, which every try can learn.
         assert values["val"]["acc"] > 50, (name, values)
         assert {"loss", "acc"} <= set(values["train"]) and values["parameters"] > 0
+
+
+def test_the_readmes_exp_show_table_has_every_params_key_and_each_trys_accuracy_and_seconds(reproduced):
+    project, _ = reproduced
+    command = readme_command("dvc exp show --drop '.*' --keep 'Experiment|Created|")
+    columns = next(csv.reader(io.StringIO(dvc(*command[1:], "--csv", cwd=project).stdout)))
+    shown = [f"metrics/{name}.json:{metric}" for name in TRIES for metric in ("val.acc", "seconds")]
+    params_keys = flat_keys(yaml.safe_load((project / "params.yaml").read_text()))
+    assert sorted(columns) == sorted(["Experiment", "Created", *shown, *params_keys])
+
+
+def readme_command(start):
+    """The arguments of the README's command line that starts with start, its comment left out."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    return shlex.split(next(line for line in lines if line.startswith(start)), comments=True)
+
+
+def flat_keys(mapping, prefix=""):
+    """Dotted names of a nested mapping's leaves, as `dvc exp show` names params."""
+    return [
+        name
+        for key, value in mapping.items()
+        for name in (flat_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])
+    ]
 
 
 def test_second_repro_runs_nothing(reproduced):
