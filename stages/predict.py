@@ -93,7 +93,7 @@ def describe(path, checkpoint):
     """One line on which model answers: its try's model and its last validation accuracy."""
     history = checkpoint.history
     accuracy = f", {history[-1]['val_acc']:.2f}% on the test images" if history and "val_acc" in history[-1] else ""
-    return f"{path}: {checkpoint.config['model']}, {len(history)} epochs{accuracy}"
+    return f"{path}: {checkpoint.config['model']}, {len(history)} epoch{'s' * (len(history) != 1)}{accuracy}"
 
 
 @exits_cleanly

@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: the stage runs headless under DVC
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from stages.data import DATASET_DIR, load_dataset  # noqa: E402
 from stages.errors import PipelineError, exits_cleanly  # noqa: E402
@@ -47,6 +48,7 @@ def draw_curves(name, history, path):
         ax.plot(epochs, [row[f"train_{metric}"] for row in history], marker="o", label="training")
         ax.plot(epochs, [row[f"val_{metric}"] for row in history], marker="o", label="validation")
         ax.set(xlabel="epoch", ylabel=label, title=f"{name}: {label}")
+        tick_whole_epochs(ax)
         ax.grid(alpha=0.3)
         ax.legend()
     save(fig, path)
@@ -62,9 +64,15 @@ def draw_comparison(histories, path):
             label=f"{name} ({history[-1]['val_acc']:.2f}%)",
         )
     ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy per epoch, by try")
+    tick_whole_epochs(ax)
     ax.grid(alpha=0.3)
     ax.legend()
     save(fig, path)
+
+
+def tick_whole_epochs(ax):
+    """A run of one to three epochs would otherwise get ticks at 1.25, 1.5, ... (a locator per axis: it keeps it)."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
 def draw_class_accuracy(accuracies, overall, classes, path):

@@ -214,7 +214,8 @@ def train(config, recipe, dataset, outputs, name="try"):
         print(f"train.amp: mixed precision applies on CUDA only; training in float32 on {device}")
     print(
         f"{name}: {config['model']} ({count_parameters(model):,} parameters) on {device}, "
-        f"{config['epochs']} epochs of {len(data.train.labels)} images, augment={config['augment']}",
+        f"{config['epochs']} epoch{'s' * (config['epochs'] != 1)} of {len(data.train.labels)} images, "
+        f"augment={config['augment']}",
         flush=True,
     )
     history = []

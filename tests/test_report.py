@@ -10,7 +10,7 @@ from stages.data import Dataset, Split
 from stages.errors import PipelineError
 from stages.models import build_model
 from stages.outputs import outputs_for
-from stages.report import class_accuracy, confident_mistakes, report
+from stages.report import class_accuracy, confident_mistakes, draw_comparison, draw_curves, report
 
 CLASSES = [f"class{i}" for i in range(10)]
 
@@ -44,6 +44,18 @@ def test_report_draws_the_grid_each_try_and_the_comparison(tmp_path, monkeypatch
     for name in ("samples.png", "lenet_mistakes.png"):
         pixels = np.asarray(figures[name].convert("RGB")).reshape(-1, 3)
         assert (pixels == [255, 0, 0]).all(axis=1).sum() > 1000, name  # the images' own red, exactly
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_the_epoch_axes_tick_whole_epochs_only(monkeypatch, epochs):
+    drawn = []
+    monkeypatch.setattr("stages.report.save", lambda fig, path: drawn.append(fig))
+    history = [{f"{split}_{metric}": 1.0 for split in ("train", "val") for metric in ("loss", "acc")} | {"epoch": e}
+               for e in range(1, epochs + 1)]  # fmt: skip
+    draw_curves("lenet", history, None)
+    draw_comparison({"lenet": history, "mine": history}, None)
+    ticks = [tick for fig in drawn for ax in fig.axes for tick in ax.get_xticks()]
+    assert len(ticks) >= 3 and all(tick == int(tick) for tick in ticks), ticks
 
 
 def test_accuracy_per_class_counts_each_classs_own_images():
