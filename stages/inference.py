@@ -11,9 +11,9 @@ and dicts only, so a file whose pickle would run code is refused without running
 """
 
 import pickle
+import pickletools
 import re
 import warnings
-import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,6 +26,20 @@ from stages.recipe import predict
 from stages.train import EVAL_BATCH, normalise
 
 CHECKPOINT_KEYS = ("state_dict", "config", "classes", "history")
+# The pickle opcodes that import or call: what a file that would run code needs.
+OBJECT_OPCODES = {
+    "GLOBAL",
+    "STACK_GLOBAL",
+    "INST",
+    "OBJ",
+    "REDUCE",
+    "NEWOBJ",
+    "NEWOBJ_EX",
+    "BUILD",
+    "EXT1",
+    "EXT2",
+    "EXT4",
+}
 
 
 class CheckpointError(PipelineError):
@@ -77,21 +91,42 @@ def read_checkpoint(path):
         if "weights only load failed" not in str(error).lower():
             raise CheckpointError(f"{path}: not a readable checkpoint ({first_sentence(error)})") from None
         culprit = re.search(r"(?:GLOBAL|class) ([\w.]+)", str(error))
-        if not culprit and not zipfile.is_zipfile(path):
-            # An image or a JSON file fails the same way as a pickle that would run code: say what it is not.
-            raise CheckpointError(
-                f"{path}: not a checkpoint: stages/train.py writes them with torch.save, as zip archives "
-                "(models/<try>.pt), and this file is not one"
-            ) from None
+        if not culprit and not starts_as_zip(path) and not builds_objects(path):
+            # An image or a JSON file fails the way a pickle that would run code does: say what it is not.
+            raise not_a_checkpoint(path) from None
         what = f"asks for {culprit.group(1)}" if culprit else "holds more than tensors and plain data"
         raise CheckpointError(
             f"{path}: refused: it {what}, which a checkpoint of stages/train.py never does; "
             "loading it could run code, so nothing in it was run"
         ) from None
     except Exception as error:  # a cut-short zip, an empty file, text: torch.load raises many kinds
+        if path.stat().st_size > 0 and not starts_as_zip(path):
+            raise not_a_checkpoint(path) from None
         raise CheckpointError(
             f"{path}: not a readable checkpoint, truncated or not written by torch.save ({first_sentence(error)})"
         ) from None
+
+
+def not_a_checkpoint(path):
+    return CheckpointError(
+        f"{path}: not a checkpoint: stages/train.py writes them with torch.save, as zip archives "
+        "(models/<try>.pt), and this file is not one"
+    )
+
+
+def starts_as_zip(path):
+    """Whether the file begins as a zip archive does: a torch.save file, if perhaps cut short."""
+    with open(path, "rb") as file:
+        return file.read(4) == b"PK\x03\x04"
+
+
+def builds_objects(path):
+    """Whether the file is a pickle that imports or calls something: read opcode by opcode, nothing run."""
+    try:
+        with open(path, "rb") as file:
+            return any(opcode.name in OBJECT_OPCODES for opcode, _, _ in pickletools.genops(file))
+    except Exception:  # not a pickle at all (an image, text): genops stops at the first byte that is no opcode
+        return False
 
 
 def first_sentence(error):
