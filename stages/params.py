@@ -156,7 +156,7 @@ def check_params(params):
         problems += check_tries(params["tries"])
     if isinstance(params.get("train"), dict) and isinstance(params.get("tries"), dict):
         judgeable = {
-            name: judgeable_keys(problems, name)
+            name: judgeable_keys(problems, name, settings)
             for name, settings in params["tries"].items()
             if isinstance(settings, dict)
         }
@@ -170,13 +170,20 @@ def concern(problems, where):
     return any(problem.startswith((f"{where}:", f"{where}.")) for problem in problems)
 
 
-def judgeable_keys(problems, name):
-    """The keys of a try's effective config that no problem is about, in train or in the try: a combination
-    can only be judged on valid values, and is judged as soon as its own keys are valid."""
-    keys = TRAIN_SCHEMA.keys() | TRY_SCHEMA.keys()
+def judgeable_keys(problems, name, settings):
+    """The keys of a try's effective config that no problem is about, where the try takes them from (its own
+    setting, else train's): a combination can only be judged on valid values, and is judged once its are."""
+    own = own_keys(settings)
     return {
-        key for key in keys if not concern(problems, f"train.{key}") and not concern(problems, f"tries.{name}.{key}")
+        key
+        for key in TRY_SCHEMA
+        if not concern(problems, f"tries.{name}.{key}") and (key in own or not concern(problems, f"train.{key}"))
     }
+
+
+def own_keys(settings):
+    """The keys a try sets itself: a null one inherits train's."""
+    return {key for key, value in settings.items() if value is not None}
 
 
 def check_nesterov(params, judgeable):
@@ -191,7 +198,7 @@ def check_nesterov(params, judgeable):
                 broken.setdefault((where, config["optimizer"], config["momentum"]), []).append(name)
     return [
         f"{where}: true needs optimizer sgd and a momentum > 0, got optimizer {optimizer!r} and momentum "
-        f"{momentum} for {'try' if len(names) == 1 else 'tries'} {', '.join(names)}; "
+        f"{momentum} for {'try' if len(names) == 1 else 'tries'} {', '.join(map(str, names))}; "
         "set nesterov to false or use sgd with momentum"
         for (where, optimizer, momentum), names in broken.items()
     ]
@@ -203,7 +210,8 @@ def check_model_options(params, name, judgeable):
         return []
     config = resolve_try(params, name)
     model, problems = config["model"], []
-    for option in sorted(config.keys() & (MODEL_SCHEMA.keys() - {"model"})):
+    # Only the try's own options: train cannot hold one, and one with a bad value is named for that already.
+    for option in sorted(own_keys(params["tries"][name]) & judgeable & (MODEL_SCHEMA.keys() - {"model"})):
         if option not in MODEL_OPTIONS[model]:
             problems.append(
                 f"tries.{name}.{option}: model {model!r} does not take it; only "
@@ -262,8 +270,8 @@ def resolve_try(params, name):
     """The effective config of one try: train's defaults overlaid with the try's keys that are not null."""
     if name not in params["tries"]:
         raise ParamsError([f"tries.{name}: no such try; tries are {', '.join(params['tries'])}"])
-    own = {key: value for key, value in params["tries"][name].items() if value is not None}
-    return {**params["train"], **own}
+    settings = params["tries"][name]
+    return {**params["train"], **{key: settings[key] for key in own_keys(settings)}}
 
 
 def try_config_file(name, configs_dir=CONFIGS_DIR):

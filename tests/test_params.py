@@ -238,3 +238,28 @@ def test_a_missing_or_edited_try_config_is_named(tmp_path, params):
     path.write_text(path.read_text().replace("epochs: 12", "epochs: twelve"))
     with pytest.raises(ParamsError, match="lenet.yaml.epochs: got 'twelve'"):
         read_try_config("lenet", tmp_path / "configs")
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        # An option put in train is named there, not again in every try that inherits it.
+        (lambda p: p["train"].update(widths=[1, 2, 3]), ["train.widths"]),
+        # A bad value is one problem, not also an option the model does not take.
+        (lambda p: p["tries"]["x"].update(widths="x"), ["tries.x.widths"]),
+        # A try's own valid keys are judged even where train's are missing.
+        (
+            lambda p: (p["train"].pop("optimizer"), p["tries"]["x"].update(optimizer="sgd", nesterov=True)),
+            ["train.optimizer", "tries.x.nesterov"],
+        ),
+        # A try name that is no string is named, and does not stop the others from being judged.
+        (
+            lambda p: p["tries"].update({1: {"model": "lenet", "nesterov": True}}),
+            ["tries.1", "tries.1.nesterov"],
+        ),
+    ],
+)
+def test_each_problem_is_named_once_where_it_is(params, change, named):
+    params["tries"] = {"x": {"model": "lenet"}}
+    change(params)
+    assert [problem.split(":")[0] for problem in check_params(params)] == named
