@@ -36,7 +36,7 @@ from stages.data import Split, read_archive_batches
 from stages.download import read_members
 from stages.errors import PipelineError, exits_cleanly
 from stages.models import build_model_for
-from stages.params import load_params, resolve_try
+from stages.params import PARAMS_FILE, load_params, resolve_try
 from stages.recipe import build_optimizer
 from stages.train import (
     build_augmentation,
@@ -161,6 +161,7 @@ def floor_steps(model, optimizer, ready, label_smoothing):
 
 
 def positive_int(text):
+    """An argparse type: a count of images or rounds."""
     try:
         value = int(text)
     except ValueError:
@@ -170,8 +171,9 @@ def positive_int(text):
     return value
 
 
-def parse_args(argv, params):
-    """The command line, checked against the machine and params.yaml: a bad argument is named as such."""
+def parse_args(argv, params_path=PARAMS_FILE):
+    """(arguments, params) of the command line, checked against the machine and params.yaml, which is read
+    after --help has had its chance: a bad argument is named as such."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--archive", help="cifar-10-python.tar.gz to take real images from (default: random ones)")
     parser.add_argument("--train-images", type=positive_int, default=10000)
@@ -182,6 +184,7 @@ def parse_args(argv, params):
     args = parser.parse_args(argv)
     if args.archive and not Path(args.archive).is_file():
         parser.error(f"--archive: no such file: {args.archive}")
+    params = load_params(params_path)
     unknown = [name for name in args.tries or [] if name not in params["tries"]]
     if unknown:
         parser.error(f"--tries: {', '.join(unknown)} not in params.yaml; its tries are {', '.join(params['tries'])}")
@@ -189,13 +192,12 @@ def parse_args(argv, params):
         args.device = pick_device(args.device)
     except PipelineError:
         parser.error(f"--device {args.device}: not available on this machine; use auto or cpu")
-    return args
+    return args, params
 
 
 @exits_cleanly
 def main(argv=None):
-    params = load_params()
-    args = parse_args(argv, params)
+    args, params = parse_args(argv)
     device = args.device
     keep_freed_memory()  # as stages.train does; the post's loop gets it too, which can only flatter the post
     train, test = load_images(args.archive, args.train_images, args.test_images)

@@ -71,7 +71,8 @@ def draw_comparison(histories, path):
 
 
 def tick_whole_epochs(ax):
-    """A run of one to three epochs would otherwise get ticks at 1.25, 1.5, ... (a locator per axis: it keeps it)."""
+    """Ticks on whole epochs: a run of one to three epochs would otherwise get them at 1.25, 1.5, ...
+    (a locator of its own for each axis, as a locator holds on to the axis it ticks)."""
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 

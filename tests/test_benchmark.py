@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from benchmarks.benchmark import parse_args
-from stages.params import load_params
+from stages.params import PARAMS_FILE
 from tests.conftest import ROOT, run
 
 ROW = re.compile(r"^(\w+) +(\d+) +(\d+) +([\d.]+)x +([\d.]+) +([\d.]+) +([+-][\d.]+)%$")
@@ -36,6 +36,6 @@ def test_the_benchmark_prints_speed_up_and_floor_for_each_try_asked(small_archiv
 )
 def test_a_bad_argument_is_named_before_any_work(capsys, args, message):
     with pytest.raises(SystemExit) as exited:
-        parse_args(args, load_params(ROOT / "params.yaml"))
+        parse_args(args, ROOT / PARAMS_FILE)
     assert exited.value.code == 2
     assert f"error: {message}" in capsys.readouterr().err
