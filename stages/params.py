@@ -155,13 +155,16 @@ def check_params(params):
     if "tries" in params:
         problems += check_tries(params["tries"])
     if isinstance(params.get("train"), dict) and isinstance(params.get("tries"), dict):
-        judgeable = {
-            name: judgeable_keys(problems, name, settings)
+        # Each try's effective config, and the keys of it that are valid enough to judge together.
+        tries = {
+            name: (resolve_try(params, name), judgeable_keys(problems, name, settings))
             for name, settings in params["tries"].items()
             if isinstance(settings, dict)
         }
-        problems += check_nesterov(params, judgeable)
-        problems += [problem for name in judgeable for problem in check_model_options(params, name, judgeable[name])]
+        problems += check_nesterov(params, tries)
+        problems += [
+            problem for name, judged in tries.items() for problem in check_model_options(params, name, *judged)
+        ]
     return problems
 
 
@@ -173,7 +176,7 @@ def concern(problems, where):
 def judgeable_keys(problems, name, settings):
     """The keys of a try's effective config that no problem is about, where the try takes them from (its own
     setting, else train's): a combination can only be judged on valid values, and is judged once its are."""
-    own = own_keys(settings)
+    own = own_settings(settings)
     return {
         key
         for key in TRY_SCHEMA
@@ -181,17 +184,16 @@ def judgeable_keys(problems, name, settings):
     }
 
 
-def own_keys(settings):
-    """The keys a try sets itself: a null one inherits train's."""
-    return {key for key, value in settings.items() if value is not None}
+def own_settings(settings):
+    """What a try sets itself, in its order: a null key inherits train's."""
+    return {key: value for key, value in settings.items() if value is not None}
 
 
-def check_nesterov(params, judgeable):
+def check_nesterov(params, tries):
     """Nesterov needs SGD with a momentum: one problem per key that turns it on, naming the tries it breaks,
-    in each try whose nesterov, optimizer and momentum are judgeable (judgeable_keys)."""
+    in each try whose nesterov, optimizer and momentum are judgeable (tries: name -> (config, judgeable keys))."""
     broken = {}  # (where, optimizer, momentum) -> tries
-    for name, keys in judgeable.items():
-        config = resolve_try(params, name)
+    for name, (config, keys) in tries.items():
         if {"nesterov", "optimizer", "momentum"} <= keys and config["nesterov"]:
             if config["optimizer"] != "sgd" or config["momentum"] == 0:
                 where = f"tries.{name}.nesterov" if params["tries"][name].get("nesterov") else "train.nesterov"
@@ -204,14 +206,13 @@ def check_nesterov(params, judgeable):
     ]
 
 
-def check_model_options(params, name, judgeable):
+def check_model_options(params, name, config, judgeable):
     """Options of a try that its model does not take, and widths that do not fit it, once its model is valid."""
     if "model" not in judgeable:
         return []
-    config = resolve_try(params, name)
     model, problems = config["model"], []
     # Only the try's own options: train cannot hold one, and one with a bad value is named for that already.
-    for option in sorted(own_keys(params["tries"][name]) & judgeable & (MODEL_SCHEMA.keys() - {"model"})):
+    for option in sorted(own_settings(params["tries"][name]).keys() & judgeable & (MODEL_SCHEMA.keys() - {"model"})):
         if option not in MODEL_OPTIONS[model]:
             problems.append(
                 f"tries.{name}.{option}: model {model!r} does not take it; only "
@@ -270,8 +271,7 @@ def resolve_try(params, name):
     """The effective config of one try: train's defaults overlaid with the try's keys that are not null."""
     if name not in params["tries"]:
         raise ParamsError([f"tries.{name}: no such try; tries are {', '.join(params['tries'])}"])
-    settings = params["tries"][name]
-    return {**params["train"], **{key: settings[key] for key in own_keys(settings)}}
+    return {**params["train"], **own_settings(params["tries"][name])}
 
 
 def try_config_file(name, configs_dir=CONFIGS_DIR):

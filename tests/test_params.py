@@ -40,6 +40,12 @@ def test_train_augment_reaches_every_try_that_does_not_set_its_own(params):
     assert [resolve_try(params, t)["augment"] for t in params["tries"]] == [False, True, True, False]  # airbench: own
 
 
+def test_an_effective_config_keeps_trains_order_then_the_trys(params):
+    # configs/<try>.yaml and the checkpoint hold it: the same params must give the same bytes in every process.
+    own = [key for key in params["tries"]["airbench"] if key not in params["train"]]
+    assert list(resolve_try(params, "airbench")) == [*params["train"], *own]
+
+
 def test_a_null_try_key_inherits_and_a_set_one_overrides(params):
     params["train"]["lr"] = 0.01
     params["tries"]["lenet"].update(lr=None, augment=True)
