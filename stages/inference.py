@@ -91,7 +91,7 @@ def read_checkpoint(path):
         if "weights only load failed" not in str(error).lower():
             raise CheckpointError(f"{path}: not a readable checkpoint ({first_sentence(error)})") from None
         culprit = re.search(r"(?:GLOBAL|class) ([\w.]+)", str(error))
-        if not culprit and not starts_as_zip(path) and not builds_objects(path):
+        if not culprit and is_foreign(path):
             # An image or a JSON file fails the way a pickle that would run code does: say what it is not.
             raise not_a_checkpoint(path) from None
         what = f"asks for {culprit.group(1)}" if culprit else "holds more than tensors and plain data"
@@ -100,7 +100,7 @@ def read_checkpoint(path):
             "loading it could run code, so nothing in it was run"
         ) from None
     except Exception as error:  # a cut-short zip, an empty file, text: torch.load raises many kinds
-        if path.stat().st_size > 0 and not starts_as_zip(path):
+        if is_foreign(path):
             raise not_a_checkpoint(path) from None
         raise CheckpointError(
             f"{path}: not a readable checkpoint, truncated or not written by torch.save ({first_sentence(error)})"
@@ -114,10 +114,12 @@ def not_a_checkpoint(path):
     )
 
 
-def starts_as_zip(path):
-    """Whether the file begins as a zip archive does: a torch.save file, if perhaps cut short."""
+def is_foreign(path):
+    """Whether the file is neither a torch.save zip archive (perhaps cut short), nor empty, nor a pickle that
+    imports or calls something: an image, text, JSON, which no checkpoint ever was."""
     with open(path, "rb") as file:
-        return file.read(4) == b"PK\x03\x04"
+        start = file.read(4)
+    return bool(start) and start != b"PK\x03\x04" and not builds_objects(path)
 
 
 def builds_objects(path):
