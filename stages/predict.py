@@ -1,9 +1,10 @@
 """A trained try's top 3 classes for your own images (a command, not a pipeline stage).
 
-Reads a checkpoint that the train stage wrote (models/<try>.pt) and PNG or JPEG images of any
-size and mode. Each image is turned upright (its EXIF orientation), laid on white where it is
-transparent, converted to RGB and resized to 32x32 as the post's Resize((32, 32)) does (PIL's
-bilinear, antialiased), then normalised as in training. Prints a table, or JSON with --json.
+Reads a checkpoint that the train stage wrote (models/<try>.pt) and images of any format PIL
+reads (PNG, JPEG, GIF, BMP, WebP, TIFF), size and mode. Each image is turned upright (its EXIF
+orientation), laid on white where it is transparent, converted to RGB and resized to 32x32 as
+the post's Resize((32, 32)) does (PIL's bilinear, antialiased), then normalised as in training.
+Prints a table, or JSON with --json.
 
     python -m stages.predict models/lenet2.pt cat.jpg dog.png
     python -m stages.predict models/lenet2.pt photos/*.jpg --json
@@ -15,6 +16,7 @@ is then 1. A bad checkpoint stops everything before any image is read.
 import argparse
 import json
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -35,14 +37,20 @@ class ImageError(PipelineError):
 def load_image(path):
     """uint8 (3, 32, 32) of the image at path, as the post's Resize((32, 32)) on a PIL image gives it."""
     try:
-        with Image.open(path) as image:
-            rgb = to_rgb(ImageOps.exif_transpose(image))
+        with warnings.catch_warnings():
+            # PIL warns of photos over 89 megapixels (some phones take 108): read as asked, they are
+            # only big. Over twice that it refuses (below), which protects the memory.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                rgb = to_rgb(ImageOps.exif_transpose(image))
     except FILE_ERRORS as error:
         raise ImageError(file_problem(path, error, "image")) from None
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image (PNG or JPEG expected)") from None
+        raise ImageError(f"{path}: not an image (PNG, JPEG, GIF, BMP, WebP or TIFF expected)") from None
     except Image.DecompressionBombError as error:
-        raise ImageError(f"{path}: too large to read safely ({error})") from None
+        raise ImageError(
+            f"{path}: too large to read safely ({error}); save a smaller copy, the model sees 32x32 pixels"
+        ) from None
     except (OSError, SyntaxError, ValueError) as error:  # what PIL raises on a damaged or cut-short file
         raise ImageError(f"{path}: damaged or truncated image ({error})") from None
     resized = rgb.resize(IMAGE_SIZE, Image.Resampling.BILINEAR)  # torchvision's Resize does exactly this on PIL
@@ -102,7 +110,7 @@ def main(argv=None):
         prog="python -m stages.predict", description="Top 3 classes of a trained try for each image."
     )
     parser.add_argument("checkpoint", help="a model the train stage wrote, e.g. models/lenet2.pt")
-    parser.add_argument("images", nargs="+", help="PNG or JPEG files, any size")
+    parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...), any size")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
     args = parser.parse_args(argv)
     checkpoint = load_checkpoint(args.checkpoint)

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from PIL import Image
 from torchvision import transforms
 
 from stages.inference import load_checkpoint, predict_probabilities
-from stages.predict import load_image, main
+from stages.predict import ImageError, load_image, main
 from tests.conftest import ROOT, tool_env
 from tests.test_inference import hostile
 
@@ -112,6 +113,18 @@ def test_a_photo_is_turned_upright_by_its_exif_orientation(tmp_path):
     loaded = load_image(save(Image.fromarray(pixels), tmp_path / "phone.jpg", exif=exif, quality=95)).int()
     assert (loaded[0, :12] > 200).all() and (loaded[2, :12] < 60).all()
     assert (loaded[2, 20:] > 200).all() and (loaded[0, 20:] < 60).all()
+
+
+def test_a_big_photo_is_read_without_a_warning_and_a_huge_one_refused_with_what_to_do(tmp_path, monkeypatch):
+    # PIL warns above MAX_IMAGE_PIXELS (89 megapixels) and refuses above twice that: scaled down here.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    big = save(photo((40, 40)), tmp_path / "big.png")  # 1,600 pixels: over the limit, under twice it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_image(big).shape == (3, 32, 32)
+    huge = save(photo((50, 50)), tmp_path / "huge.png")
+    with pytest.raises(ImageError, match=r"too large to read safely \(.*\); save a smaller copy"):
+        load_image(huge)
 
 
 def truncated_jpeg(directory):
