@@ -85,6 +85,13 @@ def test_every_train_key_is_in_params_yaml_with_a_comment():
         assert re.search(rf"^  {key}: .+#", text, re.M), f"train.{key} has no comment in params.yaml"
 
 
+def test_every_key_of_the_shipped_tries_has_a_comment():
+    lines = (ROOT / "params.yaml").read_text().split("\ntries:", 1)[1].splitlines()
+    for above, line in zip(lines, lines[1:], strict=False):
+        if re.match(r"\s+\w+:", line):  # a key; its comment ends the line, or fills the line above
+            assert "#" in line or above.lstrip().startswith("#"), f"no comment in params.yaml: {line.strip()}"
+
+
 def test_the_overlaid_plots_name_the_posts_tries():
     for plot in DVC_YAML["plots"]:
         if isinstance(plot, dict):
