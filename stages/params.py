@@ -4,7 +4,8 @@ Stages that read params.yaml call `load_params()` first, so a typo anywhere stop
 the pipeline before any work is done, with every problem listed at once.
 A try's effective config is `train` overlaid with the try's own keys; a key
 set to null inherits train's value (it is there so that `dvc exp run -S
-tries.<try>.<key>=...` can set it: DVC's -S only overrides keys that exist).
+tries.<try>.<key>=...` can set it: DVC's plain -S key=value only overrides keys that exist; its
+-S ++key=value also adds them).
 The configure stage writes each try's effective config to configs/<try>.yaml
 (`try_config_file`), which is all that its train stage reads and depends on.
 """
@@ -236,7 +237,10 @@ def check_tries(tries):
     problems = []
     for name, settings in tries.items():
         if not isinstance(name, str) or not TRY_NAME.match(name):
-            problems.append(f"tries.{name}: a try name may hold only letters, digits, '_', '.' and '-'")
+            problems.append(
+                f"tries.{name}: a try name may hold only letters, digits, '_', '.' and '-', "
+                "and starts with a letter, digit or '_'"
+            )
         problems += check_mapping(f"tries.{name}", settings, TRY_SCHEMA, required=("model",), inherits=True)
     return problems
 

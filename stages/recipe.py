@@ -38,9 +38,10 @@ def build_optimizer(config, model):
 def plain_optimizer(config, model, named_parameters):
     """config's optimizer (adam, adamw or sgd) over named_parameters, pairs (name in model, parameter).
 
-    With norm_bias_lr != 1, the biases of the normalisation layers (the only parameters they train)
-    get their own group with lr multiplied by it and weight decay divided by it, so that the decay's
-    pull per step, lr x weight_decay, is the same for every parameter (airbench's bias_scaler).
+    With norm_bias_lr != 1, the biases of the normalisation layers (all that Airbench's norms train)
+    get their own group with lr multiplied by it and weight decay divided by it, so that with sgd or
+    adamw the decay's pull per step, lr x weight_decay, is the same for every parameter (airbench's
+    bias_scaler).
     airbench94_muon also gives its whitening layer's bias that lr; on the 4th try that did not help (README).
     Not fused: on a 2-core CPU fused Adam saves ~5% of the model step but leaves the augmentation
     that follows it 20-30% slower, and it rounds differently from the results recorded so far.
@@ -160,7 +161,7 @@ class Lookahead:
     The average follows the weights with a decay that starts near 0 (it just copies them) and
     rises to decay**LOOKAHEAD_EVERY as the cube of the share of training done (airbench's
     schedule), so the end of training averages over more steps. The model then continues from the
-    average. finish() makes the model the average for good.
+    average. The last step makes the model the average for good.
     """
 
     def __init__(self, model, decay, total_steps):

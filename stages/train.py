@@ -1,7 +1,7 @@
-"""Stage `train@<try>`: train one try from params.yaml and write what it learned.
+"""Stage `train@<try>`: train one try of params.yaml and write what it learned.
 
-Reads data/cifar10/ and the try's effective config (`train` overlaid with
-`tries.<try>`, plus `augment` when the try augments). Writes:
+Reads data/cifar10/ and configs/<try>.yaml, the try's effective config that the configure
+stage writes (`train` overlaid with `tries.<try>`, plus `augment` when the try augments). Writes:
   models/<try>.pt                 state dict, effective config, class names, history
   metrics/<try>.json              last epoch's train/val loss and accuracy, best epoch, size, time
   plots/<try>/history.csv         epoch,train_loss,train_acc,val_loss,val_acc
@@ -51,7 +51,10 @@ def pick_device(name):
         return torch.device("cpu")
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available[name]:
-        raise PipelineError(f"device {name!r} is not available on this machine; set train.device to auto or cpu")
+        raise PipelineError(
+            f"device {name!r} is not available on this machine; set device to auto or cpu "
+            "(train.device, or the try's own where it sets one)"
+        )
     return torch.device(name)
 
 
@@ -285,12 +288,12 @@ def run_epoch(epoch, model, updates, data, config, generator, augment, name):
         raise PipelineError(
             f"{name}: the training loss became {bad.value} at epoch {epoch}, batch {bad.batch}, "
             f"with lr {config['lr']}; training diverged, so nothing was written. "
-            f"Lower tries.{name}.lr or train.lr and rerun"
+            f"Lower its lr (tries.{name}.lr, or train.lr where the try takes train's) and rerun"
         ) from None
     except torch.cuda.OutOfMemoryError:
         raise PipelineError(
             f"{name}: out of GPU memory with batch_size {config['batch_size']}; "
-            f"set a smaller tries.{name}.batch_size or train.batch_size"
+            f"set a smaller batch_size (tries.{name}.batch_size, or train.batch_size where the try takes train's)"
         ) from None
     print(
         f"epoch {epoch:>2}/{epochs}  training loss: {fit['loss']:.5f}, acc: {fit['acc']:.2f}%  "

@@ -5,8 +5,8 @@ uniformly from -translate..translate, the pixels it shifts in taken from a refle
 border. That is torchvision's RandomHorizontalFlip then RandomCrop(H, padding=translate,
 padding_mode="reflect"). Both are done in a single gather on the whole uint8 batch, on its device.
 
-airbench's alternating flip (flip "alternate") draws the flips once: a random half of the
-training images is flipped in the first epoch, and each later epoch flips exactly the images
+airbench's alternating flip (flip "alternate") draws the flips once: about half of the
+training images are flipped in the first epoch, and each later epoch flips exactly the images
 the epoch before did not, so that every image is seen both ways every two epochs.
 """
 

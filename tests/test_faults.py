@@ -5,6 +5,7 @@ import http.server
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -145,6 +146,7 @@ def test_a_diverging_loss_stops_the_try_with_epoch_batch_and_lr(downloaded):
     assert result.returncode == 1
     assert "lenet: the training loss became nan at epoch 1, batch" in result.stderr
     assert "with lr 1e+30" in result.stderr and "Traceback" not in result.stderr
+    assert "Lower its lr (tries.lenet.lr, or train.lr where the try takes train's) and rerun" in result.stderr
     assert not (downloaded / "metrics").exists() and not (downloaded / "models").exists()
 
 
@@ -184,6 +186,14 @@ def test_running_out_of_gpu_memory_says_so_and_suggests_a_smaller_batch(tmp_path
     params = load_params(downloaded / "params.yaml")
     outputs = outputs_in(tmp_path, "lenet")
     dataset = load_dataset(downloaded / "data" / "cifar10")
-    with pytest.raises(PipelineError, match="lenet: out of GPU memory with batch_size 50; set a smaller"):
+    advice = "set a smaller batch_size (tries.lenet.batch_size, or train.batch_size where the try takes train's)"
+    with pytest.raises(PipelineError, match=re.escape(f"lenet: out of GPU memory with batch_size 50; {advice}")):
         train_stage.train(resolve_try(params, "lenet"), params["augment"], dataset, outputs, "lenet")
     assert not any(path.exists() for path in outputs)
+
+
+def test_a_device_the_machine_lacks_is_named_with_where_to_change_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(PipelineError, match=re.escape("device 'cuda' is not available on this machine; set device")):
+        train_stage.pick_device("cuda")
+    assert train_stage.pick_device("auto").type in ("mps", "cpu")

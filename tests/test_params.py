@@ -94,6 +94,7 @@ def test_an_unknown_try_is_named():
         (lambda p: p.pop("augment"), "augment: missing section"),
         (lambda p: p["tries"].update(y=[1]), "tries.y: expected a mapping"),
         (lambda p: p["tries"].update({"a/b": {"model": "lenet"}}), "tries.a/b: a try name may hold only"),
+        (lambda p: p["tries"].update({"-x": {"model": "lenet"}}), "and starts with a letter, digit or '_'"),
         (lambda p: p.update(tries={}), "tries: expected a non-empty mapping"),
         (lambda p: p["train"].update(nesterov="yes"), "train.nesterov: got 'yes'; expected true or false"),
         (lambda p: p["train"].update(norm_bias_lr=0), "train.norm_bias_lr: got 0; expected a number > 0"),
