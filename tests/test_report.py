@@ -1,11 +1,13 @@
 """The report stage: the post's figures, one set per try, from the checkpoints' histories, and what each try
 gets wrong: accuracy per class and its most confident mistakes."""
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from stages import inference
 from stages.data import Dataset, Split
 from stages.errors import PipelineError
 from stages.models import build_model
@@ -44,6 +46,33 @@ def test_report_draws_the_grid_each_try_and_the_comparison(tmp_path, monkeypatch
     for name in ("samples.png", "lenet_mistakes.png"):
         pixels = np.asarray(figures[name].convert("RGB")).reshape(-1, 3)
         assert (pixels == [255, 0, 0]).all(axis=1).sum() > 1000, name  # the images' own red, exactly
+
+
+def test_the_figures_plot_each_trys_own_numbers(tmp_path, monkeypatch, dataset):
+    monkeypatch.chdir(tmp_path)
+    write_checkpoint("lenet", 3)
+    write_checkpoint("mine", 2)
+    drawn = {}
+    monkeypatch.setattr("stages.report.save", lambda fig, path: drawn.update({path.name: fig}))
+    report(["lenet", "mine"], dataset, tmp_path / "plots" / "report")
+    checkpoints = {name: inference.load_checkpoint(outputs_for(name).model) for name in ("lenet", "mine")}
+    series = lambda name, key: [row[key] for row in checkpoints[name].history]  # noqa: E731
+    comparison = drawn["val_acc_by_try.png"].axes[0].get_lines()
+    assert [line.get_label().split()[0] for line in comparison] == ["lenet", "mine"]
+    assert [list(line.get_ydata()) for line in comparison] == [series("lenet", "val_acc"), series("mine", "val_acc")]
+    for name in checkpoints:
+        loss_ax, acc_ax = drawn[f"{name}_curves.png"].axes
+        for ax, metric in ((loss_ax, "loss"), (acc_ax, "acc")):
+            lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+            assert lines == {"training": series(name, f"train_{metric}"), "validation": series(name, f"val_{metric}")}
+    bars = drawn["accuracy_by_class.png"].axes[0].containers
+    for container, (name, checkpoint) in zip(bars, checkpoints.items(), strict=True):
+        views = inference.test_time_views(checkpoint)
+        probabilities = inference.predict_probabilities(checkpoint.model, dataset.test.images, views)
+        expected = class_accuracy(probabilities, dataset.test.labels, len(CLASSES)).tolist()
+        assert container.get_label().startswith(name)
+        assert [bar.get_height() for bar in container] == pytest.approx(expected)
+    plt.close("all")
 
 
 @pytest.mark.parametrize("epochs", [1, 3])

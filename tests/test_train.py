@@ -8,6 +8,7 @@ import platform
 import pytest
 import torch
 from PIL import Image
+from torch.nn import functional as F
 from torchvision import transforms
 
 from stages import train as train_module
@@ -18,9 +19,11 @@ from stages.train import (
     NonFiniteLoss,
     Updates,
     evaluate,
+    freeze_whitening_bias,
     keep_freed_memory,
     normalise,
     raise_if_not_finite,
+    summarise,
     take,
     train,
     train_one_epoch,
@@ -113,6 +116,57 @@ def test_evaluations_loss_does_not_depend_on_how_images_are_batched(dataset, mon
     assert whole["loss"] == pieces["loss"] and torch.equal(whole["predictions"], pieces["predictions"])
 
 
+class NearestRed(torch.nn.Module):
+    """Logits that grow as an image's mean red nears each class's: right on most of the learnable images, not all."""
+
+    def __init__(self, split):
+        super().__init__()
+        red = self.mean_red(normalise(split.images))
+        self.register_buffer("class_red", torch.stack([red[split.labels == c].mean() for c in range(10)]))
+        self.scale = torch.nn.Parameter(torch.tensor(50.0))  # for the optimizer to hold (at lr 0: it stays)
+
+    @staticmethod
+    def mean_red(images):
+        return images[:, 0].mean(dim=(1, 2))
+
+    def forward(self, images):
+        return -self.scale * (self.mean_red(images).unsqueeze(1) - self.class_red) ** 2
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_an_epochs_loss_and_accuracy_are_over_every_image_with_its_own_label(dataset, label_smoothing):
+    model = NearestRed(dataset.train)
+    updates = Updates(torch.optim.SGD(model.parameters(), lr=0.0))
+    generator = torch.Generator().manual_seed(0)  # a shuffled order, batches of 64 with a partial last one
+    fit = train_one_epoch(model, updates, dataset.train, 64, generator, label_smoothing=label_smoothing)
+    with torch.no_grad():
+        logits = model(normalise(dataset.train.images))
+    loss = F.cross_entropy(logits, dataset.train.labels, label_smoothing=label_smoothing).item()
+    accuracy = 100 * (logits.argmax(1) == dataset.train.labels).sum().item() / len(logits)
+    assert 50 < accuracy < 95  # right on most images, not all: a mix-up of images and labels would show
+    assert fit["loss"] == pytest.approx(loss, rel=1e-5) and fit["acc"] == pytest.approx(accuracy, abs=1e-9)
+
+
+def test_the_metrics_name_the_best_epoch_as_well_as_the_last():
+    history = [{"epoch": e, "train_loss": 1.0, "train_acc": 50.0, "val_loss": 1.0, "val_acc": acc}
+               for e, acc in [(1, 60.0), (2, 71.5), (3, 70.25)]]  # fmt: skip
+    metrics = summarise(history, parameters=1234, seconds=5.04)
+    assert metrics["val"]["acc"] == 70.25 and metrics["best"] == {"epoch": 2, "val_acc": 71.5}
+    assert (metrics["epochs"], metrics["parameters"], metrics["seconds"]) == (3, 1234, 5.0)
+
+
+def test_the_predictions_file_holds_the_models_own_answers(tmp_path, params, dataset):
+    # One epoch at a small lr: a model wrong on many images, so its answers differ from the labels.
+    _, outputs = run_try(params, dataset, tmp_path, "lenet", epochs=1, lr=0.0002)
+    predicted = evaluate(load_checkpoint(outputs.model).model, dataset.test)["predictions"]
+    with open(outputs.predictions) as f:
+        rows = list(csv.DictReader(f))
+    classes = dataset.classes
+    assert [row["predicted"] for row in rows] == [classes[i] for i in predicted.tolist()]
+    assert [row["actual"] for row in rows] == [classes[i] for i in dataset.test.labels.tolist()]
+    assert sum(row["actual"] != row["predicted"] for row in rows) > 30
+
+
 class NanFrom(torch.nn.Module):
     """A model whose loss becomes nan at a given batch (counted from 1) and stays so."""
 
@@ -151,8 +205,22 @@ def test_take_selects_images_and_keeps_their_layout(memory_format):
     assert torch.equal(taken, images[indices]) and taken.is_contiguous(memory_format=memory_format)
 
 
-def test_freed_memory_is_kept_wherever_the_c_library_is_glibc():
+def test_the_c_library_takes_the_setting_wherever_it_is_glibc():
     assert keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
+
+
+def test_freed_memory_is_kept_by_raising_glibcs_mmap_and_trim_thresholds(monkeypatch):
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, parameter, value):
+            calls.append((parameter, value))
+            return 1  # glibc's "done"
+
+    monkeypatch.setattr(train_module.ctypes, "CDLL", lambda name: FakeLibc())
+    assert keep_freed_memory()
+    # M_MMAP_THRESHOLD (-3) to its 32 MiB maximum; M_TRIM_THRESHOLD (-1) to 1 GiB.
+    assert calls == [(-3, 32 * 2**20), (-1, 2**30)]
 
 
 @pytest.mark.parametrize("frozen_after, trained", [(0, False), (QUICK["epochs"], True)])
@@ -164,3 +232,13 @@ def test_the_whitening_bias_trains_its_epochs_then_stays(tmp_path, params, datas
     checkpoint = load_checkpoint(outputs.model)  # rebuilt at the widths its config names
     assert checkpoint.config["widths"] == small["widths"]
     assert torch.equal(checkpoint.model.whiten.bias, initial) is not trained
+
+
+@pytest.mark.parametrize("epochs, trains_in", [(1, [1]), (2, [1, 2]), (None, [1, 2, 3])])
+def test_the_whitening_bias_freezes_right_after_its_last_epoch(epochs, trains_in):
+    model = build_model("airbench")
+    training = []
+    for epoch in (1, 2, 3):
+        freeze_whitening_bias(model, {"whiten_bias_epochs": epochs}, epoch)
+        training += [epoch] if model.whiten.bias.requires_grad else []
+    assert training == trains_in

@@ -52,6 +52,16 @@ def test_draws_cover_every_shift_and_flip_half_the_images():
     assert counts.shape == (5,) and torch.all((counts - 0.2).abs() < 0.02), counts
 
 
+def test_draws_cover_every_vertical_shift_too():
+    count = 20_000
+    images = torch.arange(32, dtype=torch.uint8).view(32, 1).repeat(count, 3, 1, 32)  # each pixel holds its row
+    moved = FlipTranslate(flip=True, translate=2, generator=torch.Generator().manual_seed(0))(images)
+    dy = 16 - moved[:, 0, 16, 16].long()  # row 16 now shows row 16 - dy; flips leave rows alone
+    assert torch.equal(moved[:, 0, 15, 16].long(), moved[:, 0, 16, 16].long() - 1)  # whole rows move
+    counts = torch.bincount(dy + 2, minlength=5).float() / count
+    assert counts.shape == (5,) and torch.all((counts - 0.2).abs() < 0.02), counts
+
+
 def test_flip_off_only_translates():
     images = torch.arange(32, dtype=torch.uint8).repeat(1000, 3, 32, 1)
     moved = FlipTranslate(flip=False, translate=1, generator=torch.Generator().manual_seed(0))(images)
