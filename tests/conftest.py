@@ -34,6 +34,9 @@ SMALL_DATA_TRIES = {"airbench": {"batch_size": 100, "lr": 0.15}}
 S3_BUCKET = "cifar10-tries"
 S3_REGION = "us-east-1"
 S3_KEYS = {"access_key_id": "testing", "secret_access_key": "testing"}  # as DVC's remote options
+# The CPU, and each GPU this machine has: tests parametrised over them train and augment on each.
+DEVICES = ["cpu"] + [name for name, present in (("cuda", torch.cuda.is_available()),
+                                                ("mps", torch.backends.mps.is_available())) if present]  # fmt: skip
 # `git commit` and `dvc exp run` need an identity, which a fresh CI machine lacks.
 GIT_IDENTITY = {
     f"GIT_{role}_{field}": value

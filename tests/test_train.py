@@ -28,7 +28,7 @@ from stages.train import (
     train,
     train_one_epoch,
 )
-from tests.conftest import ROOT, SMALL_DATA_TRIES, outputs_in, same_weights, without_time
+from tests.conftest import DEVICES, ROOT, SMALL_DATA_TRIES, outputs_in, same_weights, without_time
 
 QUICK = {"epochs": 2, "batch_size": 64}  # 64 does not divide 1,000: the last batch is partial
 
@@ -49,9 +49,14 @@ def run_try(params, dataset, directory, name, **overrides):
     return train(config, params["augment"], dataset, outputs, name), outputs
 
 
+# Each try on each device this machine has (see DEVICES), and on CUDA with bfloat16 mixed precision too.
+SETUPS = [(device, False) for device in DEVICES] + [("cuda", True)] * ("cuda" in DEVICES)
+
+
+@pytest.mark.parametrize("device, amp", SETUPS, ids=[f"{d}{'-amp' * amp}" for d, amp in SETUPS])
 @pytest.mark.parametrize("name", ["lenet", "lenet2", "lenet2_aug", "airbench"])
-def test_a_try_learns_and_writes_every_output(tmp_path, params, dataset, name):
-    metrics, outputs = run_try(params, dataset, tmp_path, name)
+def test_a_try_learns_and_writes_every_output(tmp_path, params, dataset, name, device, amp):
+    metrics, outputs = run_try(params, dataset, tmp_path, name, device=device, amp=amp)
     assert metrics["val"]["acc"] > 50  # chance is 10%
     assert json.loads(outputs.metrics.read_text()) == metrics
     with open(outputs.history) as f:
@@ -67,6 +72,11 @@ def test_a_try_learns_and_writes_every_output(tmp_path, params, dataset, name):
     assert checkpoint["config"]["model"] == params["tries"][name]["model"]
     assert checkpoint["classes"] == dataset.classes and len(checkpoint["history"]) == 2
     assert not [p for p in tmp_path.rglob("*partial*")]
+    # Saved for the CPU wherever it trained: the checkpoint's model answers there as training recorded.
+    model = load_checkpoint(outputs.model)
+    answers = evaluate(model.model, dataset.test, tta=model.config["tta"])["predictions"]
+    agree = sum(dataset.classes[a] == row["predicted"] for a, row in zip(answers.tolist(), predictions, strict=True))
+    assert agree >= (300 if device == "cpu" and not amp else 290), agree  # a GPU's rounding may flip a close call
 
 
 def test_same_seed_gives_identical_results_and_another_seed_does_not(tmp_path, params, dataset):

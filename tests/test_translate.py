@@ -5,6 +5,7 @@ import torch
 from torchvision.transforms import functional as F
 
 from stages.translate import FlipTranslate, flip_translate
+from tests.conftest import DEVICES
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +84,13 @@ def test_alternating_flips_turn_every_image_the_other_way_each_epoch():
         order = order[torch.randperm(count)]
     assert abs(epochs[0].float().mean().item() - 0.5) < 0.05
     assert torch.equal(epochs[1], ~epochs[0]) and torch.equal(epochs[2], epochs[0])
+
+
+@pytest.mark.parametrize("flip", [True, "alternate"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_device_moves_the_cpus_pixels_for_the_same_seed(images, device, flip):
+    indices = torch.tensor([5, 0, 3, 1, 4, 2])
+    on_cpu = FlipTranslate(flip, 2, torch.Generator().manual_seed(3), count=6)(images, indices)
+    augment = FlipTranslate(flip, 2, torch.Generator().manual_seed(3), count=6)
+    on_device = augment(images.to(device), indices.to(device))
+    assert on_device.device.type == device and torch.equal(on_device.cpu(), on_cpu)
