@@ -25,7 +25,16 @@ from tests.cifar_archive import batch_files, write_archive
 
 ROOT = Path(__file__).resolve().parent.parent
 # What a clone of the project holds that the pipeline needs.
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore"]
+PROJECT_FILES = [
+    "dvc.yaml",
+    "params.yaml",
+    "stages",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    ".dvc/plots",
+    ".dvcignore",
+    ".gitignore",
+]
 # Small enough for seconds per stage, large enough that accuracy means something.
 E2E_TRAIN = {"epochs": 2, "batch_size": 50}
 # The 4th try's own batch of 500 would make 2 steps an epoch of the small archives' 1,000 images.

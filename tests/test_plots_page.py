@@ -4,6 +4,7 @@ import configparser
 import re
 
 import pytest
+import vl_convert
 import yaml
 from dvc_render import VegaRenderer, render_html
 
@@ -49,3 +50,23 @@ def test_dvc_config_names_the_template_the_stage_writes():
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["plots_page"]
     assert stage["outs"] == [str(PAGE_TEMPLATE)]
     assert "{" + "scripts}" not in page_template(FAKE_BUNDLE)  # DVC's CDN tags would come back through it
+
+
+def drawn_matrix(pairs, template):
+    """(cells drawn, largest count on the colour legend) of a confusion matrix of (actual, predicted) pairs,
+    filled as DVC fills dvc.yaml's plots (templates from .dvc/plots) and drawn by Vega."""
+    data = [{"actual": actual, "predicted": predicted, "rev": "workspace"} for actual, predicted in pairs]
+    renderer = VegaRenderer(data, "matrix", template=template, template_dir=str(ROOT / ".dvc" / "plots"),
+                            x="actual", y="predicted")  # fmt: skip
+    svg = vl_convert.vegalite_to_svg(renderer.get_filled_template())
+    counts = [float(text) for text in re.findall(r">(\d+\.\d+)</text>", svg)]  # the legend's labels
+    return svg.count('aria-roledescription="text mark"'), max(counts)  # a text mark per cell, shown on demand
+
+
+def test_a_confusion_matrix_keeps_a_class_that_is_never_predicted():
+    # bird is actual twice and never predicted; cat and dog are both; dog is right twice: the largest count.
+    pairs = [("cat", "cat"), ("cat", "dog"), ("dog", "dog"), ("dog", "dog"), ("bird", "dog"), ("bird", "cat")]
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["do"]
+    template = stage["plots"][0]["plots/${key}/predictions.csv"]["template"]  # what the pipeline uses
+    assert drawn_matrix(pairs, template) == (9, 2.0)  # 3 x 3
+    assert drawn_matrix(pairs, "confusion") == (6, 2.0)  # DVC's own: 3 actual x 2 predicted
