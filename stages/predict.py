@@ -1,10 +1,10 @@
 """A trained try's top 3 classes for your own images (a command, not a pipeline stage).
 
 Reads a checkpoint that the train stage wrote (models/<try>.pt) and images of any format PIL
-reads (PNG, JPEG, GIF, BMP, WebP, TIFF), size and mode. Each image is turned upright (its EXIF
-orientation), laid on white where it is transparent, converted to RGB and resized to 32x32 as
-the post's Resize((32, 32)) does (PIL's bilinear, antialiased), then normalised as in training.
-Prints a table, or JSON with --json.
+reads (PNG, JPEG, GIF, BMP, WebP, TIFF), size and mode but floating-point pixels. Each image is
+turned upright (its EXIF orientation), laid on white where it is transparent, converted to RGB
+(16-bit grey scaled to 8 bits) and resized to 32x32 as the post's Resize((32, 32)) does (PIL's
+bilinear, antialiased), then normalised as in training. Prints a table, or JSON with --json.
 
     python -m stages.predict models/lenet2.pt cat.jpg dog.png
     python -m stages.predict models/lenet2.pt photos/*.jpg --json
@@ -26,6 +26,8 @@ from stages.errors import FILE_ERRORS, PipelineError, exits_cleanly, file_proble
 from stages.inference import load_checkpoint, predict_probabilities, test_time_views
 
 IMAGE_SIZE = (32, 32)  # what the models take, and what the post resizes to
+# 16-bit grey, as PIL opens a 16-bit PNG or TIFF ("I" holds it too): PIL's convert("RGB") would clip it to white.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 TOP = 3  # classes shown per image
 WHITE = (255, 255, 255)
 
@@ -42,6 +44,8 @@ def load_image(path):
             # only big. Over twice that it refuses (below), which protects the memory.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
+                if image.mode == "F":
+                    raise ImageError(f"{path}: floating-point pixels, of no known range; save it with 8 or 16 bits")
                 rgb = to_rgb(ImageOps.exif_transpose(image))
     except FILE_ERRORS as error:
         raise ImageError(file_problem(path, error, "image")) from None
@@ -58,7 +62,11 @@ def load_image(path):
 
 
 def to_rgb(image):
-    """RGB of any mode; transparent parts are laid on white, as a viewer shows them, not on hidden pixels."""
+    """RGB of any mode; transparent parts are laid on white, as a viewer shows them, not on hidden pixels;
+    16-bit grey is scaled to 8 bits (65,535 -> 255)."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        eight_bit = (np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8)
+        return Image.fromarray(eight_bit, "L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (*WHITE, 255)), rgba).convert("RGB")

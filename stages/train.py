@@ -78,7 +78,7 @@ def keep_freed_memory():
 def normalise(images):
     """uint8 or integer-valued float (B, 3, H, W) -> float32 in [-1, 1], in channels_last.
 
-    x / 127.5 - 1 gives bit for bit what ToTensor's x / 255 then Normalize(0.5, 0.5) give
+    On the CPU, x / 127.5 - 1 gives bit for bit what ToTensor's x / 255 then Normalize(0.5, 0.5) give
     (halving and doubling are exact in floating point), in two passes instead of three.
     channels_last: the convolutions run faster on CPU in that layout, results equal up to rounding.
     """
@@ -232,9 +232,13 @@ def train(config, recipe, dataset, outputs, name="try"):
 
 
 def fit_first_layer(model, split):
-    """Lets a model whose first layer is set from the data (Airbench) see split's first FIT_IMAGES images."""
+    """Lets a model whose first layer is set from the data (Airbench) see split's first FIT_IMAGES images.
+
+    They are normalised on the CPU, like the fit itself: a GPU divides by multiplying with the reciprocal,
+    which rounds differently, and the filters would then depend on the device.
+    """
     if hasattr(model, "fit_to_data"):
-        model.fit_to_data(normalise(split.images[:FIT_IMAGES]))
+        model.fit_to_data(normalise(split.images[:FIT_IMAGES].cpu()))
 
 
 def freeze_whitening_bias(model, config, epoch):

@@ -43,9 +43,11 @@ SMALL_DATA_TRIES = {"airbench": {"batch_size": 100, "lr": 0.15}}
 S3_BUCKET = "cifar10-tries"
 S3_REGION = "us-east-1"
 S3_KEYS = {"access_key_id": "testing", "secret_access_key": "testing"}  # as DVC's remote options
-# The CPU, and each GPU this machine has: tests parametrised over them train and augment on each.
-DEVICES = ["cpu"] + [name for name, present in (("cuda", torch.cuda.is_available()),
-                                                ("mps", torch.backends.mps.is_available())) if present]  # fmt: skip
+# Each GPU this machine has, then the CPU: tests parametrised over them train and augment on each; those
+# that compare a GPU with the CPU take GPUS, and on a machine without one they are not generated.
+GPUS = [name for name, present in (("cuda", torch.cuda.is_available()),
+                                   ("mps", torch.backends.mps.is_available())) if present]  # fmt: skip
+DEVICES = ["cpu", *GPUS]
 # `git commit` and `dvc exp run` need an identity, which a fresh CI machine lacks.
 GIT_IDENTITY = {
     f"GIT_{role}_{field}": value
@@ -54,10 +56,25 @@ GIT_IDENTITY = {
 }
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
     """End-to-end files first: each takes a minute or more, and the quick files fill in around them
-    (the suite runs files side by side, pyproject.toml); a file's own tests keep their order."""
+    (the suite runs files side by side, pyproject.toml); a file's own tests keep their order.
+
+    A test parametrised over GPUS on a machine without a GPU has no case: pytest would count it as
+    skipped, as if something had not run that could; it is deselected instead, and reported so.
+    """
+    without_cases = [item for item in items if has_no_cases(item)]
+    if without_cases:
+        config.hook.pytest_deselected(items=without_cases)
+        items[:] = [item for item in items if item not in without_cases]
     items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+
+
+def has_no_cases(item):
+    """Whether item stands for a test parametrised over an empty list, which pytest marks to skip."""
+    return any(
+        mark.name == "skip" and "empty parameter set" in str(mark.kwargs.get("reason")) for mark in item.iter_markers()
+    )
 
 
 @pytest.fixture(scope="session")

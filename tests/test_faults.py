@@ -172,12 +172,42 @@ def test_a_training_stage_killed_mid_run_leaves_nothing_complete_and_repro_redoe
     assert dvc("status", "train@lenet", cwd=project).stdout.strip().endswith("up to date.")
 
 
-UNPICKLERS = {"load", "loads", "Unpickler", "_Unpickler"}  # pickle's ways in: each runs what a file asks
+# pickle's ways in: each runs whatever a file asks for.
+UNPICKLERS = {f"{module}.{name}" for module in ("pickle", "_pickle") for name in ("load", "loads", "Unpickler")}
+TORCH_LOADS = {"torch.load", "torch.serialization.load"}  # safe with weights_only=True only
+
+
+def imported_names(tree):
+    """{name in the module: the dotted name it stands for}, from its imports (`import pickle as pk`: pk -> pickle)."""
+    names = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:  # `import torch.serialization` binds torch
+                bound = alias.asname or alias.name.split(".")[0]
+                names[bound] = alias.name if alias.asname else bound
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {alias.asname or alias.name: f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def dotted(node, names):
+    """The imported dotted name that a name or attribute (pk.loads, load) stands for; None for anything else."""
+    if isinstance(node, ast.Name):
+        return names.get(node.id)
+    if isinstance(node, ast.Attribute):
+        base = dotted(node.value, names)
+        return base and f"{base}.{node.attr}"
+    return None
+
+
+def is_constant(node, value):
+    return isinstance(node, ast.Constant) and node.value is value
 
 
 def unrestricted_unpickling(tree):
-    """Lines of a module that could unpickle anything: pickle's loaders (not a subclass of its Unpickler that
-    overrides find_class), torch.load without weights_only=True, numpy's load with allow_pickle=True."""
+    """Lines of a module that could unpickle anything: pickle's loaders (but as the base of a class that
+    overrides find_class), torch.load without weights_only=True, numpy's load with allow_pickle not False."""
+    names = imported_names(tree)
     restricted_bases = {
         id(base)
         for node in ast.walk(tree)
@@ -185,17 +215,14 @@ def unrestricted_unpickling(tree):
         for base in node.bases
     }
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module == "pickle":
-            yield from (node.lineno for alias in node.names if alias.name in UNPICKLERS | {"*"})
-        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and id(node) not in restricted_bases:
-            if node.value.id == "pickle" and node.attr in UNPICKLERS:
+        if id(node) not in restricted_bases and dotted(node, names) in UNPICKLERS:
+            yield node.lineno
+        if isinstance(node, ast.Call):
+            called, keywords = dotted(node.func, names), {k.arg: k.value for k in node.keywords}
+            if called in TORCH_LOADS and not is_constant(keywords.get("weights_only"), True):
                 yield node.lineno
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load":
-            keywords = {k.arg: getattr(k.value, "value", None) for k in node.keywords}
-            owner = getattr(node.func.value, "id", "")
-            if (owner == "torch" and keywords.get("weights_only") is not True) or (
-                owner in ("np", "numpy") and keywords.get("allow_pickle") is True
-            ):
+            pickled = keywords.get("allow_pickle")
+            if called == "numpy.load" and pickled is not None and not is_constant(pickled, False):
                 yield node.lineno
 
 
@@ -205,18 +232,28 @@ def test_code_never_unpickles_without_restrictions():
 
 
 @pytest.mark.parametrize(
-    "code",
+    "code, unrestricted",
     [
-        "import pickle\npickle.loads(b'')",
-        "from pickle import Unpickler",
-        "import pickle\nclass Open(pickle.Unpickler):\n    pass",
-        "import torch\ntorch.load('m.pt')",
-        "import torch\ntorch.load('m.pt', weights_only=False)",
-        "import numpy as np\nnp.load('a.npy', allow_pickle=True)",
+        ("import pickle\npickle.loads(b'')", True),
+        ("import pickle as pk\npk.loads(b'')", True),
+        ("import _pickle\n_pickle.load(f)", True),
+        ("from pickle import Unpickler\nUnpickler(f).load()", True),
+        ("import pickle\nclass Open(pickle.Unpickler):\n    pass", True),
+        ("import pickle\nclass Shut(pickle.Unpickler):\n    def find_class(self, module, name):\n        pass", False),
+        ("from pickle import Unpickler\nclass Shut(Unpickler):\n    def find_class(self, m, n):\n        pass", False),
+        ("import torch\ntorch.load('m.pt')", True),
+        ("import torch\ntorch.load('m.pt', weights_only=False)", True),
+        ("from torch import load\nload('m.pt')", True),
+        ("import torch\ntorch.serialization.load('m.pt')", True),
+        ("import torch\ntorch.load('m.pt', map_location='cpu', weights_only=True)", False),
+        ("import numpy as np\nnp.load('a.npy', allow_pickle=True)", True),
+        ("import numpy as np\nnp.load('a.npy', allow_pickle=flag)", True),
+        ("import numpy as np\nnp.load('a.npy')", False),
+        ("import numpy as np\nnp.load('a.npy', allow_pickle=False)", False),
     ],
-)
-def test_the_unpickling_check_sees_each_way_in(code):
-    assert list(unrestricted_unpickling(ast.parse(code)))
+)  # fmt: skip
+def test_the_unpickling_check_sees_each_way_in_and_lets_safe_loads_be(code, unrestricted):
+    assert bool(list(unrestricted_unpickling(ast.parse(code)))) is unrestricted
 
 
 def test_running_out_of_gpu_memory_says_so_and_suggests_a_smaller_batch(tmp_path, monkeypatch, downloaded):

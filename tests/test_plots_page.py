@@ -9,7 +9,7 @@ import yaml
 from dvc_render import VegaRenderer, render_html
 
 from stages.errors import PipelineError
-from stages.plots_page import PAGE_TEMPLATE, page_template, write_page_template
+from stages.plots_page import PAGE_TEMPLATE, VEGA_LITE_VERSION, page_template, write_page_template
 from tests.conftest import ROOT
 
 FAKE_BUNDLE = "window.vegaEmbed = function () {}; window.vega = {}; window.vegaLite = {};"
@@ -52,21 +52,24 @@ def test_dvc_config_names_the_template_the_stage_writes():
     assert "{" + "scripts}" not in page_template(FAKE_BUNDLE)  # DVC's CDN tags would come back through it
 
 
-def drawn_matrix(pairs, template):
-    """(cells drawn, largest count on the colour legend) of a confusion matrix of (actual, predicted) pairs,
-    filled as DVC fills dvc.yaml's plots (templates from .dvc/plots) and drawn by Vega."""
+def drawn_cells(pairs, template):
+    """{(actual, predicted): count} of the cells Vega draws for a confusion matrix of (actual, predicted) pairs,
+    filled as DVC fills dvc.yaml's plots (templates from .dvc/plots), at the page's Vega-Lite version."""
     data = [{"actual": actual, "predicted": predicted, "rev": "workspace"} for actual, predicted in pairs]
     renderer = VegaRenderer(data, "matrix", template=template, template_dir=str(ROOT / ".dvc" / "plots"),
                             x="actual", y="predicted")  # fmt: skip
-    svg = vl_convert.vegalite_to_svg(renderer.get_filled_template())
-    counts = [float(text) for text in re.findall(r">(\d+\.\d+)</text>", svg)]  # the legend's labels
-    return svg.count('aria-roledescription="text mark"'), max(counts)  # a text mark per cell, shown on demand
+    svg = vl_convert.vegalite_to_svg(renderer.get_filled_template(), vl_version=VEGA_LITE_VERSION)
+    cells = re.findall(r'aria-label="actual: (\w+); predicted: (\w+); xy_count: (\d+)"', svg)  # each cell's label
+    return {(actual, predicted): int(count) for actual, predicted, count in cells}
 
 
 def test_a_confusion_matrix_keeps_a_class_that_is_never_predicted():
-    # bird is actual twice and never predicted; cat and dog are both; dog is right twice: the largest count.
+    # bird is actual twice and never predicted; cat and dog are both.
     pairs = [("cat", "cat"), ("cat", "dog"), ("dog", "dog"), ("dog", "dog"), ("bird", "dog"), ("bird", "cat")]
+    counted = {("cat", "cat"): 1, ("cat", "dog"): 1, ("dog", "dog"): 2, ("bird", "dog"): 1, ("bird", "cat"): 1,
+               ("dog", "cat"): 0}  # fmt: skip
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["do"]
     template = stage["plots"][0]["plots/${key}/predictions.csv"]["template"]  # what the pipeline uses
-    assert drawn_matrix(pairs, template) == (9, 2.0)  # 3 x 3
-    assert drawn_matrix(pairs, "confusion") == (6, 2.0)  # DVC's own: 3 actual x 2 predicted
+    never_predicted = {(actual, "bird"): 0 for actual in ("bird", "cat", "dog")}
+    assert drawn_cells(pairs, template) == counted | never_predicted  # 3 x 3
+    assert drawn_cells(pairs, "confusion") == counted  # DVC's own: 3 actual x 2 predicted

@@ -95,6 +95,20 @@ def test_any_image_becomes_what_the_posts_resize_gives(tmp_path, make):
     assert np.array_equal(loaded.permute(1, 2, 0).numpy(), expected)
 
 
+@pytest.mark.parametrize("suffix", ["png", "tif"])
+def test_16_bit_grey_is_scaled_to_8_bits_not_clipped_to_white(tmp_path, suffix):
+    levels = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64  # 0 .. 65,472
+    loaded = load_image(save(Image.fromarray(levels), tmp_path / f"deep.{suffix}"))
+    expected = torch.from_numpy(np.round(levels / 257).astype(np.uint8))
+    assert all(torch.equal(channel, expected) for channel in loaded)
+
+
+def test_floating_point_pixels_are_refused_with_what_to_do(tmp_path):
+    path = save(Image.fromarray(np.random.default_rng(0).random((8, 8), dtype=np.float32)), tmp_path / "f.tif")
+    with pytest.raises(ImageError, match="floating-point pixels, of no known range; save it with 8 or 16 bits"):
+        load_image(path)
+
+
 def test_transparent_parts_are_white_not_the_pixels_hidden_under_them(tmp_path):
     pixels = np.zeros((32, 32, 4), np.uint8)
     pixels[..., 0] = 255  # red everywhere, but the left half is fully transparent

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from torchvision import transforms
 
 from stages import train as train_module
+from stages.data import Split
 from stages.inference import load_checkpoint
 from stages.models import build_model
 from stages.params import load_params, resolve_try
@@ -19,6 +20,7 @@ from stages.train import (
     NonFiniteLoss,
     Updates,
     evaluate,
+    fit_first_layer,
     freeze_whitening_bias,
     keep_freed_memory,
     normalise,
@@ -28,7 +30,7 @@ from stages.train import (
     train,
     train_one_epoch,
 )
-from tests.conftest import DEVICES, ROOT, SMALL_DATA_TRIES, outputs_in, same_weights, without_time
+from tests.conftest import DEVICES, GPUS, ROOT, SMALL_DATA_TRIES, outputs_in, same_weights, without_time
 
 QUICK = {"epochs": 2, "batch_size": 64}  # 64 does not divide 1,000: the last batch is partial
 
@@ -252,3 +254,13 @@ def test_the_whitening_bias_freezes_right_after_its_last_epoch(epochs, trains_in
         freeze_whitening_bias(model, {"whiten_bias_epochs": epochs}, epoch)
         training += [epoch] if model.whiten.bias.requires_grad else []
     assert training == trains_in
+
+
+@pytest.mark.parametrize("device", GPUS)
+def test_the_whitening_fit_gives_the_cpus_filters_on_a_gpu(dataset, device):
+    filters = {}
+    for where in ("cpu", device):
+        model = build_model("airbench").to(where)
+        fit_first_layer(model, Split(dataset.train.images.to(where), dataset.train.labels.to(where)))
+        filters[where] = model.whiten.weight.cpu()
+    assert torch.equal(filters[device], filters["cpu"])
