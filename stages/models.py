@@ -137,10 +137,10 @@ class Airbench(nn.Module):
 
         Each 2x2 patch is projected on the eigenvectors of the patch covariance, scaled by one over
         the square root of their eigenvalue, so the first layer's outputs are decorrelated, unit-variance.
-        The images may be on any device; the fit runs on the CPU, in float64, which Apple's MPS lacks
-        (as it lacks eigh), and so gives the same filters whatever device trains.
+        The images must be on the CPU (stages.train.fit_first_layer puts them there): the fit runs in
+        float64, which Apple's MPS lacks (as it lacks eigh), and so gives the same filters whatever
+        device trains.
         """
-        images = images.cpu()
         channels, (height, width) = images.shape[1], self.whiten.weight.shape[2:]
         patches = images.unfold(2, height, 1).unfold(3, width, 1).transpose(1, 3)
         patches = patches.reshape(-1, channels * height * width).double()

@@ -43,8 +43,8 @@ SMALL_DATA_TRIES = {"airbench": {"batch_size": 100, "lr": 0.15}}
 S3_BUCKET = "cifar10-tries"
 S3_REGION = "us-east-1"
 S3_KEYS = {"access_key_id": "testing", "secret_access_key": "testing"}  # as DVC's remote options
-# Each GPU this machine has, then the CPU: tests parametrised over them train and augment on each; those
-# that compare a GPU with the CPU take GPUS, and on a machine without one they are not generated.
+# Each GPU this machine has, and the CPU with them: tests parametrised over DEVICES train on each; those
+# that compare a GPU with the CPU take GPUS, and on a machine without one they are deselected (below).
 GPUS = [name for name, present in (("cuda", torch.cuda.is_available()),
                                    ("mps", torch.backends.mps.is_available())) if present]  # fmt: skip
 DEVICES = ["cpu", *GPUS]
