@@ -3,7 +3,7 @@
 Reads data/cifar10/ (the sample grid, and the test images each try classifies here),
 params.yaml's `tries`, and models/<try>.pt of each try (its model and per-epoch history). Writes:
   plots/report/samples.png            20 training images with their labels, as in the post
-  plots/report/<try>_curves.png       loss and accuracy per epoch, training vs validation
+  plots/report/<try>_curves.png       loss and accuracy per epoch, training vs validation, as measured (legend)
   plots/report/val_acc_by_try.png     every try's validation accuracy per epoch
   plots/report/accuracy_by_class.png  every try's accuracy on each class of the test images, side by side
   plots/report/<try>_mistakes.png     the test images the try gets most confidently wrong
@@ -12,6 +12,7 @@ params.yaml's `tries`, and models/<try>.pt of each try (its model and per-epoch 
 """
 
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
@@ -19,6 +20,7 @@ matplotlib.use("Agg")  # files only: the stage runs headless under DVC
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+from torch import nn  # noqa: E402
 
 from stages.data import DATASET_DIR, load_dataset  # noqa: E402
 from stages.errors import PipelineError, exits_cleanly  # noqa: E402
@@ -29,6 +31,7 @@ from stages.params import load_params  # noqa: E402
 REPORT_DIR = Path("plots/report")
 SAMPLE_COUNT = 20
 MISTAKE_ROWS, MISTAKE_COLUMNS = 4, 6  # the grid of most confidently wrong test images
+TTA_WORDS = {"flip": "test-time flips", "flip_translate": "test-time flips and shifts"}  # params.py's TTA_MODES
 
 
 def draw_samples(dataset, path):
@@ -41,12 +44,43 @@ def draw_samples(dataset, path):
     save(fig, path)
 
 
-def draw_curves(name, history, path):
+class Conditions(NamedTuple):
+    """How a try's curves were measured, where it sets them apart, for their legends: a reader would
+    otherwise take a training loss above the validation loss, or a jump at the last epoch, for the model's."""
+
+    training: tuple = ()  # e.g. ("augmented images", "dropout on"): both training curves
+    loss_only: tuple = ()  # e.g. ("label smoothing 0.2",): the training loss only
+    final_views: str = "none"  # the test-time views of the last epoch's validation (the try's tta)
+
+
+def conditions_of(checkpoint):
+    config = checkpoint.config
+    training = []
+    if config.get("augment") or config.get("flip") or config.get("translate"):
+        training.append("augmented images")
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in checkpoint.model.modules()):
+        training.append("dropout on")
+    smoothing = config.get("label_smoothing", 0)
+    loss_only = (f"label smoothing {smoothing:g}",) if smoothing else ()
+    return Conditions(tuple(training), loss_only, test_time_views(checkpoint))
+
+
+def with_notes(label, notes):
+    return f"{label} ({', '.join(notes)})" if notes else label
+
+
+def draw_curves(name, history, path, conditions=None):
+    conditions = conditions or Conditions()
     epochs = [row["epoch"] for row in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, metric, label in ((loss_ax, "loss", "cross-entropy loss"), (acc_ax, "acc", "accuracy (%)")):
-        ax.plot(epochs, [row[f"train_{metric}"] for row in history], marker="o", label="training")
-        ax.plot(epochs, [row[f"val_{metric}"] for row in history], marker="o", label="validation")
+        notes = conditions.training + (conditions.loss_only if metric == "loss" else ())
+        ax.plot(epochs, [row[f"train_{metric}"] for row in history], marker="o", label=with_notes("training", notes))
+        validation = [row[f"val_{metric}"] for row in history]
+        (line,) = ax.plot(epochs, validation, marker="o", label="validation")
+        if conditions.final_views != "none":
+            ax.plot(epochs[-1:], validation[-1:], marker="*", markersize=15, linestyle="none", color=line.get_color(),
+                    label=f"last epoch: with {TTA_WORDS[conditions.final_views]}")  # fmt: skip
         ax.set(xlabel="epoch", ylabel=label, title=f"{name}: {label}")
         tick_whole_epochs(ax)
         ax.grid(alpha=0.3)
@@ -54,14 +88,17 @@ def draw_curves(name, history, path):
     save(fig, path)
 
 
-def draw_comparison(histories, path):
+def draw_comparison(histories, path, final_views=None):
+    """Every try's validation accuracy per epoch; final_views: try -> its tta, said beside its final accuracy."""
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, history in histories.items():
+        views = (final_views or {}).get(name, "none")
+        note = f", with {TTA_WORDS[views]}" if views != "none" else ""
         ax.plot(
             [row["epoch"] for row in history],
             [row["val_acc"] for row in history],
             marker="o",
-            label=f"{name} ({history[-1]['val_acc']:.2f}%)",
+            label=f"{name} ({history[-1]['val_acc']:.2f}%{note})",
         )
     ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy per epoch, by try")
     tick_whole_epochs(ax)
@@ -141,9 +178,11 @@ def report(try_names, dataset, out_dir=REPORT_DIR):
     with atomic_dir(out_dir) as partial:
         draw_samples(dataset, partial / "samples.png")
         for name, checkpoint in checkpoints.items():
-            draw_curves(name, checkpoint.history, partial / f"{name}_curves.png")
+            draw_curves(name, checkpoint.history, partial / f"{name}_curves.png", conditions_of(checkpoint))
             draw_mistakes(name, test, probabilities[name], classes, partial / f"{name}_mistakes.png")
-        draw_comparison({name: c.history for name, c in checkpoints.items()}, partial / "val_acc_by_try.png")
+        histories = {name: c.history for name, c in checkpoints.items()}
+        final_views = {name: test_time_views(c) for name, c in checkpoints.items()}
+        draw_comparison(histories, partial / "val_acc_by_try.png", final_views)
         draw_class_accuracy(accuracies, overall, classes, partial / "accuracy_by_class.png")
     for name, accuracy in accuracies.items():
         print(f"{name}: " + ", ".join(f"{c} {a:.1f}%" for c, a in zip(classes, accuracy.tolist(), strict=True)))

@@ -12,7 +12,16 @@ from stages.data import Dataset, Split
 from stages.errors import PipelineError
 from stages.models import build_model
 from stages.outputs import outputs_for
-from stages.report import class_accuracy, confident_mistakes, draw_comparison, draw_curves, report
+from stages.params import TTA_MODES
+from stages.report import (
+    TTA_WORDS,
+    class_accuracy,
+    conditions_of,
+    confident_mistakes,
+    draw_comparison,
+    draw_curves,
+    report,
+)
 
 CLASSES = [f"class{i}" for i in range(10)]
 
@@ -64,7 +73,9 @@ def test_the_figures_plot_each_trys_own_numbers(tmp_path, monkeypatch, dataset):
         loss_ax, acc_ax = drawn[f"{name}_curves.png"].axes
         for ax, metric in ((loss_ax, "loss"), (acc_ax, "acc")):
             lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
-            assert lines == {"training": series(name, f"train_{metric}"), "validation": series(name, f"val_{metric}")}
+            # LeNet's dropout is on while it trains; nothing else sets these tries' training numbers apart.
+            training, validation = series(name, f"train_{metric}"), series(name, f"val_{metric}")
+            assert lines == {"training (dropout on)": training, "validation": validation}
     bars = drawn["accuracy_by_class.png"].axes[0].containers
     for container, (name, checkpoint) in zip(bars, checkpoints.items(), strict=True):
         views = inference.test_time_views(checkpoint)
@@ -72,6 +83,28 @@ def test_the_figures_plot_each_trys_own_numbers(tmp_path, monkeypatch, dataset):
         expected = class_accuracy(probabilities, dataset.test.labels, len(CLASSES)).tolist()
         assert container.get_label().startswith(name)
         assert [bar.get_height() for bar in container] == pytest.approx(expected)
+    plt.close("all")
+
+
+def test_the_legends_say_how_training_and_the_last_validation_were_measured(monkeypatch):
+    drawn = []
+    monkeypatch.setattr("stages.report.save", lambda fig, path: drawn.append(fig))
+    config = {"model": "airbench", "flip": "alternate", "translate": 2, "label_smoothing": 0.2, "tta": "flip_translate"}
+    conditions = conditions_of(inference.Checkpoint(build_model("airbench"), config, CLASSES, []))
+    history = [{"epoch": e, "train_loss": 1.5, "train_acc": 80.0, "val_loss": 0.6, "val_acc": 85.0 + e} for e in (1, 2)]
+    draw_curves("airbench", history, None, conditions)
+    draw_comparison({"airbench": history}, None, {"airbench": conditions.final_views})
+    (loss_ax, acc_ax), (comparison,) = drawn[0].axes, drawn[1].axes
+    labels = lambda ax: [line.get_label() for line in ax.get_lines()]  # noqa: E731
+    star = "last epoch: with test-time flips and shifts"
+    assert labels(loss_ax) == ["training (augmented images, label smoothing 0.2)", "validation", star]
+    assert labels(acc_ax) == ["training (augmented images)", "validation", star]
+    assert list(acc_ax.get_lines()[2].get_xydata()[0]) == [2, 87.0]  # on the last validation point
+    assert labels(comparison) == ["airbench (87.00%, with test-time flips and shifts)"]
+    augmented = {"model": "lenet2", "augment": True}
+    plain = conditions_of(inference.Checkpoint(build_model("lenet2"), augmented, CLASSES, []))
+    assert plain == (("augmented images", "dropout on"), (), "none")
+    assert set(TTA_WORDS) == set(TTA_MODES) - {"none"}
     plt.close("all")
 
 
