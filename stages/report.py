@@ -3,7 +3,7 @@
 Reads data/cifar10/ (the sample grid, and the test images each try classifies here),
 params.yaml's `tries`, and models/<try>.pt of each try (its model and per-epoch history). Writes:
   plots/report/samples.png            20 training images with their labels, as in the post
-  plots/report/<try>_curves.png       loss and accuracy per epoch, training vs validation, as measured (legend)
+  plots/report/<try>_curves.png       loss and accuracy per epoch, training vs validation, and how each was taken
   plots/report/val_acc_by_try.png     every try's validation accuracy per epoch
   plots/report/accuracy_by_class.png  every try's accuracy on each class of the test images, side by side
   plots/report/<try>_mistakes.png     the test images the try gets most confidently wrong
@@ -54,6 +54,7 @@ class Conditions(NamedTuple):
 
 
 def conditions_of(checkpoint):
+    """A trained try's Conditions, read off its config and its model."""
     config = checkpoint.config
     training = []
     if config.get("augment") or config.get("flip") or config.get("translate"):
