@@ -73,3 +73,38 @@ def test_a_confusion_matrix_keeps_a_class_that_is_never_predicted():
     never_predicted = {(actual, "bird"): 0 for actual in ("bird", "cat", "dog")}
     assert drawn_cells(pairs, template) == counted | never_predicted  # 3 x 3
     assert drawn_cells(pairs, "confusion") == counted  # DVC's own: 3 actual x 2 predicted
+
+
+def drawn_lines(template, tries, revisions):
+    """{(history file, revision): (colour, dashes)} of the lines Vega draws for dvc.yaml's overlay of the tries'
+    history.csv, and every text it writes, filled as DVC fills the plot, at the page's Vega-Lite version."""
+    files = [f"{name}/history.csv" for name in tries]  # as DVC names them: the common "plots/" left out
+    data = [{"epoch": epoch, "val_acc": 50.0 + k + epoch, "rev": rev, "filename": file}
+            for k, rev in enumerate(revisions) for file in files for epoch in (1, 2, 3)]  # fmt: skip
+    sources = [{"filename": file, "field": "val_acc"} for file in files]
+    renderer = VegaRenderer(data, "overlay", template=template, template_dir=str(ROOT / ".dvc" / "plots"),
+                            x="epoch", y="val_acc", anchors_y_definitions=sources)  # fmt: skip
+    svg = vl_convert.vegalite_to_svg(renderer.get_filled_template(), vl_version=VEGA_LITE_VERSION)
+    lines = {}
+    for label, colour, dashes in re.findall(r'aria-label="(epoch: 1;[^"]*)"[^>]*stroke="([^"]+)"[^>]*'
+                                            r'stroke-dasharray="([^"]+)"', svg):  # fmt: skip
+        fields = dict(part.split(": ", 1) for part in label.split("; "))  # the legend's titles name the fields
+        lines[fields.get("try", fields.get("filename")), fields.get("revision", fields.get("rev"))] = colour, dashes
+    return lines, re.findall(r"<text[^>]*>([^<]*)</text>", svg)
+
+
+def test_the_overlays_give_each_try_a_colour_and_each_revision_a_dash():
+    overlays = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+    templates = {next(iter(plot.values()))["template"] for plot in overlays if isinstance(plot, dict)}
+    assert len(templates) == 1  # both overlays, accuracy and loss, use it
+    tries, revisions = ["lenet", "lenet2", "airbench"], ["HEAD", "my-experiment"]
+    lines, texts = drawn_lines(templates.pop(), tries, revisions)
+    assert len(lines) == len(tries) * len(revisions)
+    colour = {file: {lines[file, rev][0] for rev in revisions} for file, _ in lines}
+    dashes = {rev: {lines[file, rev][1] for file, _ in lines} for rev in revisions}
+    assert all(len(c) == 1 for c in colour.values()) and len({c.pop() for c in colour.values()}) == len(tries)
+    assert all(len(d) == 1 for d in dashes.values()) and len({d.pop() for d in dashes.values()}) == len(revisions)
+    assert set(tries) <= set(texts) and not any(text.endswith("history.csv") for text in texts)  # legend: try names
+    # DVC's own: every line of one revision takes the same colour, told apart by dashes only.
+    theirs, _ = drawn_lines("linear", tries, revisions)
+    assert len({theirs[f"{name}/history.csv", "HEAD"][0] for name in tries}) == 1
