@@ -178,11 +178,12 @@ def report(try_names, dataset, out_dir=REPORT_DIR):
     overall = {name: 100 * (p.argmax(1) == test.labels).float().mean().item() for name, p in probabilities.items()}
     with atomic_dir(out_dir) as partial:
         draw_samples(dataset, partial / "samples.png")
+        conditions = {name: conditions_of(c) for name, c in checkpoints.items()}
         for name, checkpoint in checkpoints.items():
-            draw_curves(name, checkpoint.history, partial / f"{name}_curves.png", conditions_of(checkpoint))
+            draw_curves(name, checkpoint.history, partial / f"{name}_curves.png", conditions[name])
             draw_mistakes(name, test, probabilities[name], classes, partial / f"{name}_mistakes.png")
         histories = {name: c.history for name, c in checkpoints.items()}
-        final_views = {name: test_time_views(c) for name, c in checkpoints.items()}
+        final_views = {name: c.final_views for name, c in conditions.items()}
         draw_comparison(histories, partial / "val_acc_by_try.png", final_views)
         draw_class_accuracy(accuracies, overall, classes, partial / "accuracy_by_class.png")
     for name, accuracy in accuracies.items():

@@ -52,13 +52,17 @@ def test_dvc_config_names_the_template_the_stage_writes():
     assert "{" + "scripts}" not in page_template(FAKE_BUNDLE)  # DVC's CDN tags would come back through it
 
 
+def drawn_svg(data, template, **properties):
+    """The SVG Vega draws for data with template, filled as DVC fills dvc.yaml's plots (templates from
+    .dvc/plots, properties as dvc.yaml gives them), at the page's Vega-Lite version."""
+    renderer = VegaRenderer(data, "plot", template=template, template_dir=str(ROOT / ".dvc" / "plots"), **properties)
+    return vl_convert.vegalite_to_svg(renderer.get_filled_template(), vl_version=VEGA_LITE_VERSION)
+
+
 def drawn_cells(pairs, template):
-    """{(actual, predicted): count} of the cells Vega draws for a confusion matrix of (actual, predicted) pairs,
-    filled as DVC fills dvc.yaml's plots (templates from .dvc/plots), at the page's Vega-Lite version."""
+    """{(actual, predicted): count} of the cells Vega draws for a confusion matrix of (actual, predicted) pairs."""
     data = [{"actual": actual, "predicted": predicted, "rev": "workspace"} for actual, predicted in pairs]
-    renderer = VegaRenderer(data, "matrix", template=template, template_dir=str(ROOT / ".dvc" / "plots"),
-                            x="actual", y="predicted")  # fmt: skip
-    svg = vl_convert.vegalite_to_svg(renderer.get_filled_template(), vl_version=VEGA_LITE_VERSION)
+    svg = drawn_svg(data, template, x="actual", y="predicted")
     cells = re.findall(r'aria-label="actual: (\w+); predicted: (\w+); xy_count: (\d+)"', svg)  # each cell's label
     return {(actual, predicted): int(count) for actual, predicted, count in cells}
 
@@ -77,14 +81,12 @@ def test_a_confusion_matrix_keeps_a_class_that_is_never_predicted():
 
 def drawn_lines(template, tries, revisions):
     """{(history file, revision): (colour, dashes)} of the lines Vega draws for dvc.yaml's overlay of the tries'
-    history.csv, and every text it writes, filled as DVC fills the plot, at the page's Vega-Lite version."""
+    history.csv, and every text it writes."""
     files = [f"{name}/history.csv" for name in tries]  # as DVC names them: the common "plots/" left out
     data = [{"epoch": epoch, "val_acc": 50.0 + k + epoch, "rev": rev, "filename": file}
             for k, rev in enumerate(revisions) for file in files for epoch in (1, 2, 3)]  # fmt: skip
     sources = [{"filename": file, "field": "val_acc"} for file in files]
-    renderer = VegaRenderer(data, "overlay", template=template, template_dir=str(ROOT / ".dvc" / "plots"),
-                            x="epoch", y="val_acc", anchors_y_definitions=sources)  # fmt: skip
-    svg = vl_convert.vegalite_to_svg(renderer.get_filled_template(), vl_version=VEGA_LITE_VERSION)
+    svg = drawn_svg(data, template, x="epoch", y="val_acc", anchors_y_definitions=sources)
     lines = {}
     for label, colour, dashes in re.findall(r'aria-label="(epoch: 1;[^"]*)"[^>]*stroke="([^"]+)"[^>]*'
                                             r'stroke-dasharray="([^"]+)"', svg):  # fmt: skip
