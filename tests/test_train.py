@@ -195,8 +195,9 @@ class NanFrom(torch.nn.Module):
 def test_training_names_the_first_batch_whose_loss_is_not_finite(dataset, monkeypatch):
     monkeypatch.setattr(train_module, "CHECK_EVERY", 3)  # 7 batches: looks after 3, 6 and 7
     model = NanFrom(batch=5)
+    updates = Updates(torch.optim.SGD(model.parameters(), lr=0.01))  # torch 2.1's SGD has no default lr
     with pytest.raises(NonFiniteLoss) as raised:
-        train_one_epoch(model, Updates(torch.optim.SGD(model.parameters())), dataset.test, 43, torch.Generator())
+        train_one_epoch(model, updates, dataset.test, 43, torch.Generator())
     assert raised.value.batch == 5 and model.calls == 6
 
 
