@@ -68,7 +68,7 @@ def load_images(archive, train_count, test_count):
 
 def timed(device, function, *args):
     """Seconds that function(*args) takes, waiting for the GPU's queued work at both ends."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.type, lambda: None)
     sync()
     start = time.perf_counter()
     function(*args)

@@ -37,6 +37,9 @@ PROJECT_FILES = [
 ]
 # Small enough for seconds per stage, large enough that accuracy means something.
 E2E_TRAIN = {"epochs": 2, "batch_size": 50}
+# Tests compare runs bit for bit and with CPU inference, which a GPU's kernels do not promise: they train
+# on the CPU even where train.device: auto would take a GPU, unless a test asks for one (DEVICES, GPUS).
+ON_CPU = {"device": "cpu"}
 # The 4th try's own batch of 500 would make 2 steps an epoch of the small archives' 1,000 images.
 SMALL_DATA_TRIES = {"airbench": {"batch_size": 100, "lr": 0.15}}
 # The loopback S3 endpoint's bucket and the made-up keys it accepts.
@@ -159,7 +162,7 @@ def make_project(dest, url, md5, train=E2E_TRAIN, tries=None):
 
     def for_small_data(params):
         params["data"].update(url=url, md5=md5)
-        params["train"].update(train)
+        params["train"].update(ON_CPU, **train)
         for name, settings in SMALL_DATA_TRIES.items():
             params["tries"][name].update(settings)
 
@@ -242,7 +245,7 @@ def trained_try(tmp_path_factory, learnable_dataset):
     """The outputs of try lenet trained for 2 epochs on learnable_dataset, as the train stage writes them."""
     directory = tmp_path_factory.mktemp("trained")
     params = load_params(ROOT / "params.yaml")
-    config = {**resolve_try(params, "lenet"), **E2E_TRAIN}
+    config = {**resolve_try(params, "lenet"), **E2E_TRAIN, **ON_CPU}
     outputs = outputs_in(directory, "lenet")
     train(config, params["augment"], learnable_dataset, outputs, "lenet")
     return outputs

@@ -30,9 +30,9 @@ from stages.train import (
     train,
     train_one_epoch,
 )
-from tests.conftest import DEVICES, GPUS, ROOT, SMALL_DATA_TRIES, outputs_in, same_weights, without_time
+from tests.conftest import DEVICES, GPUS, ON_CPU, ROOT, SMALL_DATA_TRIES, outputs_in, same_weights, without_time
 
-QUICK = {"epochs": 2, "batch_size": 64}  # 64 does not divide 1,000: the last batch is partial
+QUICK = {"epochs": 2, "batch_size": 64, **ON_CPU}  # 64 does not divide 1,000: the last batch is partial
 
 
 @pytest.fixture(scope="module")
