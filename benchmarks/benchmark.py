@@ -15,7 +15,8 @@ Prints, per try, training images per second of whole epochs (training plus evalu
 for both loops and their ratio (medians over rounds), and the pipeline's training time
 per batch against the floor's: slice by slice of the training images, the pipeline's
 training between two floor runs, "over floor" comparing their totals over all rounds.
-The process keeps freed memory as stages.train does.
+The process keeps freed memory as stages.train does, and on CUDA trains with its deterministic
+float32 kernels, or with bfloat16 autocast where the try's amp is on (train.amp: true in params.yaml).
 
     python -m benchmarks.benchmark                         # synthetic images
     python -m benchmarks.benchmark --archive cifar-10-python.tar.gz --train-images 10000
@@ -44,6 +45,8 @@ from stages.train import (
     evaluate,
     fit_first_layer,
     keep_freed_memory,
+    make_cuda_reproducible,
+    mixed_precision,
     normalise,
     on_device,
     pick_device,
@@ -96,9 +99,9 @@ def fresh_post_model(config, device):
 
 
 def pipeline_epoch(config, model, updates, split, generator, augment):
-    """stages.train's training epoch with every ingredient of the try's recipe."""
-    train_one_epoch(model, updates, split, config["batch_size"], generator, augment,
-                    label_smoothing=config["label_smoothing"])  # fmt: skip
+    """stages.train's training epoch with every ingredient of the try's recipe, amp included."""
+    train_one_epoch(model, updates, split, config["batch_size"], generator, augment, config["amp"],
+                    config["label_smoothing"])  # fmt: skip
 
 
 def measure_try(config, recipe, train, test, device, rounds):
@@ -114,7 +117,7 @@ def measure_try(config, recipe, train, test, device, rounds):
         generator = torch.Generator().manual_seed(config["seed"])
         augment = build_augmentation(config, recipe, generator, len(train.labels))
         fit = timed(device, pipeline_epoch, config, model, updates, train_split, generator, augment)
-        times["pipeline_epoch"].append(fit + timed(device, evaluate, model, test_split))
+        times["pipeline_epoch"].append(fit + timed(device, evaluate, model, test_split, config["amp"]))
         model, optimizer = fresh_post_model(config, device)
         times["post_epoch"].append(timed(device, post_epoch, model, optimizer, *loaders, device))
     epochs = {key: statistics.median(values) for key, values in times.items()}
@@ -139,22 +142,22 @@ def measure_floor(config, recipe, train_split, device, rounds):
     floor_model, floor_updates = fresh_model(config, train_split, device, rounds)
     generator = torch.Generator().manual_seed(config["seed"])
     augment = build_augmentation(config, recipe, generator, len(train_split.labels))
-    smoothing = config["label_smoothing"]
     pipeline = floor = 0.0
     for _ in range(rounds):
         for part, ready_part in zip(slices, ready, strict=True):
-            before = timed(device, floor_steps, floor_model, floor_updates.optimizer, ready_part, smoothing)
+            before = timed(device, floor_steps, config, floor_model, floor_updates.optimizer, ready_part)
             pipeline += timed(device, pipeline_epoch, config, model, updates, part, generator, augment)
-            after = timed(device, floor_steps, floor_model, floor_updates.optimizer, ready_part, smoothing)
+            after = timed(device, floor_steps, config, floor_model, floor_updates.optimizer, ready_part)
             floor += (before + after) / 2
     batches = rounds * sum(len(r) for r in ready)
     return {"pipeline_batch": pipeline / batches, "floor_batch": floor / batches, "over_floor": pipeline / floor - 1}
 
 
-def floor_steps(model, optimizer, ready, label_smoothing):
+def floor_steps(config, model, optimizer, ready):
     model.train()
     for images, labels in ready:
-        loss = F.cross_entropy(model(images), labels, label_smoothing=label_smoothing)
+        with mixed_precision(images.device, config["amp"]):
+            loss = F.cross_entropy(model(images), labels, label_smoothing=config["label_smoothing"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -199,6 +202,8 @@ def parse_args(argv, params_path=PARAMS_FILE):
 def main(argv=None):
     args, params = parse_args(argv)
     device = args.device
+    if device.type == "cuda":
+        make_cuda_reproducible()  # as stages.train trains there
     keep_freed_memory()  # as stages.train does; the post's loop gets it too, which can only flatter the post
     train, test = load_images(args.archive, args.train_images, args.test_images)
     print(f"machine: {platform.processor() or platform.machine()}, {describe(device)}, torch {torch.__version__}")

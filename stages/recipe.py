@@ -194,6 +194,7 @@ def predict(model, inputs, tta):
 
     flip: the image and its mirror image. flip_translate: those, averaged half and half with the
     same pair shifted one pixel up-left and one pixel down-right (reflect padding), as airbench does.
+    Views are averaged in float32, also where autocast computes them in bfloat16 (8-bit mantissas).
     """
     if tta == "none":
         return model(inputs)
@@ -207,4 +208,4 @@ def predict(model, inputs, tta):
 
 
 def mirrored_mean(model, inputs):
-    return 0.5 * (model(inputs) + model(inputs.flip(-1)))
+    return 0.5 * (model(inputs).float() + model(inputs.flip(-1)).float())

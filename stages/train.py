@@ -58,6 +58,19 @@ def pick_device(name):
     return torch.device(name)
 
 
+def make_cuda_reproducible():
+    """Has CUDA train in true float32 with deterministic kernels, so that a seed gives the same run twice.
+
+    By default cuDNN picks the fastest convolution algorithm by timing them (the pick, and so the rounding,
+    can change from run to run), some of those add in a nondeterministic order, and on Ampere and later
+    GPUs convolutions run in TF32 (10-bit mantissas). train.amp is the switch for speed over exactness.
+    """
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def keep_freed_memory():
     """Asks glibc to keep freed memory for the next batch instead of handing it back to the system.
 
@@ -201,6 +214,8 @@ def train(config, recipe, dataset, outputs, name="try"):
     """
     started = time.perf_counter()
     device = pick_device(config["device"])
+    if device.type == "cuda":
+        make_cuda_reproducible()
     keep_freed_memory()
     torch.manual_seed(config["seed"])  # weight init and dropout
     generator = torch.Generator().manual_seed(config["seed"])  # data order and augmentation draws
@@ -294,7 +309,9 @@ def run_epoch(epoch, model, updates, data, config, generator, augment, name):
             f"with lr {config['lr']}; training diverged, so nothing was written. "
             f"Lower its lr (tries.{name}.lr, or train.lr where the try takes train's) and rerun"
         ) from None
-    except torch.cuda.OutOfMemoryError:
+    except RuntimeError as error:
+        if not is_out_of_memory(error):
+            raise
         raise PipelineError(
             f"{name}: out of GPU memory with batch_size {config['batch_size']}; "
             f"set a smaller batch_size (tries.{name}.batch_size, or train.batch_size where the try takes train's)"
@@ -312,6 +329,11 @@ def run_epoch(epoch, model, updates, data, config, generator, augment, name):
         "val_acc": val["acc"],
     }
     return row, val["predictions"]
+
+
+def is_out_of_memory(error):
+    """Whether error is a GPU running out of memory: CUDA's has a class of its own, Apple's MPS only a message."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or str(error).startswith("MPS backend out of memory")
 
 
 def summarise(history, parameters, seconds):

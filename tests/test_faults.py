@@ -256,10 +256,18 @@ def test_the_unpickling_check_sees_each_way_in_and_lets_safe_loads_be(code, unre
     assert bool(list(unrestricted_unpickling(ast.parse(code)))) is unrestricted
 
 
-def test_running_out_of_gpu_memory_says_so_and_suggests_a_smaller_batch(tmp_path, monkeypatch, downloaded):
-    # No GPU here: the error a CUDA allocation raises is raised where a training step would raise it.
+# What CUDA's and MPS's allocators raise (MPS's as users report it), raised where a training step would raise them.
+OUT_OF_MEMORY = [
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("MPS backend out of memory (MPS allocated: 7.64 GiB, other allocations: 68.91 GiB, "
+                 "max allowed: 88.13 GiB). Tried to allocate 33.92 GiB on private pool."),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("error", OUT_OF_MEMORY, ids=["cuda", "mps"])
+def test_running_out_of_gpu_memory_says_so_and_suggests_a_smaller_batch(tmp_path, monkeypatch, downloaded, error):
     def out_of_memory(*args, **kwargs):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise error
 
     monkeypatch.setattr(train_stage, "train_one_epoch", out_of_memory)
     params = load_params(downloaded / "params.yaml")
@@ -276,3 +284,14 @@ def test_a_device_the_machine_lacks_is_named_with_where_to_change_it(monkeypatch
     with pytest.raises(PipelineError, match=re.escape("device 'cuda' is not available on this machine; set device")):
         train_stage.pick_device("cuda")
     assert train_stage.pick_device("auto").type in ("mps", "cpu")
+
+
+def test_another_runtime_error_in_training_is_not_taken_for_running_out_of_memory(tmp_path, monkeypatch, downloaded):
+    def broken(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (100x1250 and 1024x500)")
+
+    monkeypatch.setattr(train_stage, "train_one_epoch", broken)
+    params = load_params(downloaded / "params.yaml")
+    dataset = load_dataset(downloaded / "data" / "cifar10")
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        train_stage.train(resolve_try(params, "lenet"), params["augment"], dataset, outputs_in(tmp_path, "lenet"))
