@@ -16,7 +16,8 @@ for both loops and their ratio (medians over rounds), and the pipeline's trainin
 per batch against the floor's: slice by slice of the training images, the pipeline's
 training between two floor runs, "over floor" comparing their totals over all rounds.
 The process keeps freed memory as stages.train does, and on CUDA trains with its deterministic
-float32 kernels, or with bfloat16 autocast where the try's amp is on (train.amp: true in params.yaml).
+float32 kernels (stages.train.pick_device sets them), or with bfloat16 autocast where the try's amp
+is on (train.amp: true in params.yaml).
 
     python -m benchmarks.benchmark                         # synthetic images
     python -m benchmarks.benchmark --archive cifar-10-python.tar.gz --train-images 10000
@@ -45,7 +46,6 @@ from stages.train import (
     evaluate,
     fit_first_layer,
     keep_freed_memory,
-    make_cuda_reproducible,
     mixed_precision,
     normalise,
     on_device,
@@ -202,8 +202,6 @@ def parse_args(argv, params_path=PARAMS_FILE):
 def main(argv=None):
     args, params = parse_args(argv)
     device = args.device
-    if device.type == "cuda":
-        make_cuda_reproducible()  # as stages.train trains there
     keep_freed_memory()  # as stages.train does; the post's loop gets it too, which can only flatter the post
     train, test = load_images(args.archive, args.train_images, args.test_images)
     print(f"machine: {platform.processor() or platform.machine()}, {describe(device)}, torch {torch.__version__}")

@@ -43,18 +43,18 @@ MMAP_THRESHOLD_MAX = 32 * 2**20  # the largest glibc accepts on 64-bit systems
 
 
 def pick_device(name):
+    """The device train.device names (auto: CUDA if present, then MPS, then the CPU); CUDA set up to train
+    reproducibly, for whatever trains there: the train stage and the benchmark alike."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available[name]:
         raise PipelineError(
             f"device {name!r} is not available on this machine; set device to auto or cpu "
             "(train.device, or the try's own where it sets one)"
         )
+    if name == "cuda":
+        make_cuda_reproducible()
     return torch.device(name)
 
 
@@ -214,8 +214,6 @@ def train(config, recipe, dataset, outputs, name="try"):
     """
     started = time.perf_counter()
     device = pick_device(config["device"])
-    if device.type == "cuda":
-        make_cuda_reproducible()
     keep_freed_memory()
     torch.manual_seed(config["seed"])  # weight init and dropout
     generator = torch.Generator().manual_seed(config["seed"])  # data order and augmentation draws

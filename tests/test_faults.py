@@ -264,18 +264,26 @@ OUT_OF_MEMORY = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("error", OUT_OF_MEMORY, ids=["cuda", "mps"])
-def test_running_out_of_gpu_memory_says_so_and_suggests_a_smaller_batch(tmp_path, monkeypatch, downloaded, error):
-    def out_of_memory(*args, **kwargs):
+def lenet_whose_epoch_raises(error, tmp_path, monkeypatch, downloaded):
+    """(a call that trains try lenet on downloaded's images, its outputs); the training epoch raises error."""
+
+    def raising(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(train_stage, "train_one_epoch", out_of_memory)
+    monkeypatch.setattr(train_stage, "train_one_epoch", raising)
     params = load_params(downloaded / "params.yaml")
     outputs = outputs_in(tmp_path, "lenet")
     dataset = load_dataset(downloaded / "data" / "cifar10")
+    config = resolve_try(params, "lenet")
+    return lambda: train_stage.train(config, params["augment"], dataset, outputs, "lenet"), outputs
+
+
+@pytest.mark.parametrize("error", OUT_OF_MEMORY, ids=["cuda", "mps"])
+def test_running_out_of_gpu_memory_says_so_and_suggests_a_smaller_batch(tmp_path, monkeypatch, downloaded, error):
+    train_lenet, outputs = lenet_whose_epoch_raises(error, tmp_path, monkeypatch, downloaded)
     advice = "set a smaller batch_size (tries.lenet.batch_size, or train.batch_size where the try takes train's)"
     with pytest.raises(PipelineError, match=re.escape(f"lenet: out of GPU memory with batch_size 50; {advice}")):
-        train_stage.train(resolve_try(params, "lenet"), params["augment"], dataset, outputs, "lenet")
+        train_lenet()
     assert not any(path.exists() for path in outputs)
 
 
@@ -287,11 +295,7 @@ def test_a_device_the_machine_lacks_is_named_with_where_to_change_it(monkeypatch
 
 
 def test_another_runtime_error_in_training_is_not_taken_for_running_out_of_memory(tmp_path, monkeypatch, downloaded):
-    def broken(*args, **kwargs):
-        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (100x1250 and 1024x500)")
-
-    monkeypatch.setattr(train_stage, "train_one_epoch", broken)
-    params = load_params(downloaded / "params.yaml")
-    dataset = load_dataset(downloaded / "data" / "cifar10")
+    broken = RuntimeError("mat1 and mat2 shapes cannot be multiplied (100x1250 and 1024x500)")
+    train_lenet, _ = lenet_whose_epoch_raises(broken, tmp_path, monkeypatch, downloaded)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
-        train_stage.train(resolve_try(params, "lenet"), params["augment"], dataset, outputs_in(tmp_path, "lenet"))
+        train_lenet()
