@@ -1,6 +1,7 @@
 """Shared fixtures: small archives in the official layout, a loopback HTTP server, a temporary project,
 a small trained try."""
 
+import collections
 import functools
 import http.server
 import json
@@ -37,6 +38,8 @@ PROJECT_FILES = [
 ]
 # Small enough for seconds per stage, large enough that accuracy means something.
 E2E_TRAIN = {"epochs": 2, "batch_size": 50}
+# dvc.yaml's stages up to the metrics: for a project whose tests read no figure (make_project's stages).
+TRAINING_STAGES = ["download", "configure", "train"]
 # Tests compare runs bit for bit and with CPU inference, which a GPU's kernels do not promise: they train
 # on the CPU even where train.device: auto would take a GPU, unless a test asks for one (DEVICES, GPUS).
 ON_CPU = {"device": "cpu"}
@@ -60,8 +63,9 @@ GIT_IDENTITY = {
 
 
 def pytest_collection_modifyitems(config, items):
-    """End-to-end files first: each takes a minute or more, and the quick files fill in around them
-    (the suite runs files side by side, pyproject.toml); a file's own tests keep their order.
+    """End-to-end files first, the one with the most end-to-end tests (test_pipeline.py, minutes) ahead: each
+    takes a minute or more, and the quick files fill in around them (the suite runs files side by side,
+    pyproject.toml); a file's own tests keep their order.
 
     A test parametrised over GPUS on a machine without a GPU has no case: pytest would count it as
     skipped, as if something had not run that could; it is deselected instead, and reported so.
@@ -70,7 +74,9 @@ def pytest_collection_modifyitems(config, items):
     if without_cases:
         config.hook.pytest_deselected(items=without_cases)
         items[:] = [item for item in items if item not in without_cases]
-    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+    is_e2e = lambda item: item.get_closest_marker("e2e") is not None  # noqa: E731
+    e2e_count = collections.Counter(item.path for item in items if is_e2e(item))
+    items.sort(key=lambda item: (not is_e2e(item), -e2e_count[item.path]))
 
 
 def has_no_cases(item):
@@ -149,9 +155,10 @@ def dvc(*args, cwd, check=True):
     return run([sys.executable, "-m", "dvc", *args], cwd=cwd, check=check)
 
 
-def make_project(dest, url, md5, train=E2E_TRAIN, tries=None):
+def make_project(dest, url, md5, train=E2E_TRAIN, tries=None, stages=None):
     """A git repo holding a copy of the project, its params pointing at url; tries, if given, names
-    the entries of params.yaml's tries to keep."""
+    the entries of params.yaml's tries to keep, and stages those of dvc.yaml's stages (a test that reads
+    no figure leaves out the report and the plots page, which would cost each experiment 20 s)."""
     for name in PROJECT_FILES:
         source, target = ROOT / name, dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -169,6 +176,8 @@ def make_project(dest, url, md5, train=E2E_TRAIN, tries=None):
     edit_params(dest, for_small_data)
     if tries is not None:
         edit_params(dest, lambda p: p.update(tries={name: p["tries"][name] for name in tries}))
+    if stages is not None:
+        edit_yaml(dest / "dvc.yaml", lambda p: p.update(stages={name: p["stages"][name] for name in stages}))
     run(["git", "init", "-q"], cwd=dest)
     run(["git", "add", "-A"], cwd=dest)
     run(["git", "commit", "-qm", "project"], cwd=dest)
@@ -219,10 +228,13 @@ def run_queue(project, jobs=2, timeout=600):
 
 
 def edit_params(project, change):
-    path = project / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    change(params)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    edit_yaml(project / "params.yaml", change)
+
+
+def edit_yaml(path, change):
+    contents = yaml.safe_load(path.read_text())
+    change(contents)
+    path.write_text(yaml.safe_dump(contents, sort_keys=False))
 
 
 @pytest.fixture

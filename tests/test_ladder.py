@@ -14,7 +14,7 @@ from experiments.ladder import (
 )
 from stages.models import build_model, count_parameters
 from stages.params import load_params, resolve_try
-from tests.conftest import ROOT, dvc, exp_show, make_project, tool_env
+from tests.conftest import ROOT, TRAINING_STAGES, dvc, exp_show, make_project, tool_env
 
 PARAMS = load_params(ROOT / "params.yaml")
 
@@ -72,7 +72,7 @@ def test_the_ladder_queues_rungs_that_the_real_dvc_runs_and_tabulates(tmp_path, 
                                                                       monkeypatch, capsys):  # fmt: skip
     path, md5 = small_archive
     url, lean = f"{http_server}/{path.name}", {"epochs": 1, "batch_size": 100}
-    project = make_project(tmp_path / "project", url, md5, train=lean, tries=["airbench"])
+    project = make_project(tmp_path / "project", url, md5, train=lean, tries=["airbench"], stages=TRAINING_STAGES)
     monkeypatch.chdir(project)  # the ladder runs `dvc` where it is started, as a user would
     monkeypatch.setenv("PATH", tool_env()["PATH"])
     assert ladder.main(["queue", "--rungs", "0", "2", "--seeds", "0"]) == 0  # a null and a list among the keys

@@ -8,7 +8,7 @@ import pytest
 
 from stages.params import resolve_try
 from stages.train import train
-from tests.conftest import dvc, exp_show, make_project, outputs_in, run_queue, without_time
+from tests.conftest import TRAINING_STAGES, dvc, exp_show, make_project, outputs_in, run_queue, without_time
 
 pytestmark = pytest.mark.e2e
 # Every point differs from the project's own lr 0.001 and seed 0, so every point trains: none is
@@ -20,10 +20,12 @@ SEEDS = [1]
 
 @pytest.fixture
 def lean_project(tmp_path, http_server, small_archive):
-    """One try for one epoch: each queued experiment runs the whole pipeline in its own copy."""
+    """One try for one epoch, no figures: each queued experiment runs the whole pipeline in its own copy."""
     path, md5 = small_archive
     url = f"{http_server}/{path.name}"
-    return make_project(tmp_path / "project", url, md5, train={"epochs": 1, "batch_size": 100}, tries=["lenet"])
+    return make_project(
+        tmp_path / "project", url, md5, train={"epochs": 1, "batch_size": 100}, tries=["lenet"], stages=TRAINING_STAGES
+    )
 
 
 def test_a_queued_sweep_runs_every_point_with_its_own_params_and_metrics(lean_project, learnable_dataset, tmp_path):
