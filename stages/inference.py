@@ -51,6 +51,9 @@ class Checkpoint(NamedTuple):
     config: dict  # the try's effective config; config["model"] names the model in stages.models.MODELS
     classes: list
     history: list  # one dict per epoch, as in plots/<try>/history.csv
+    # (test images, classes) float32: the final evaluation's probabilities, behind plots/<try>/predictions.csv;
+    # None in a checkpoint written before training kept them
+    test_probabilities: torch.Tensor | None = None
 
 
 def load_checkpoint(path):
@@ -73,7 +76,15 @@ def load_checkpoint(path):
     model = build_model_for(config, len(classes))
     load_weights(model, contents["state_dict"], path)
     model.to(memory_format=torch.channels_last).eval()  # the layout training evaluated in: same rounding
-    return Checkpoint(model, config, classes, contents["history"])
+    probabilities = contents.get("test_probabilities")
+    if probabilities is not None and not is_probability_table(probabilities, len(classes)):
+        raise CheckpointError(f"{path}: test_probabilities must be a float tensor of one row of {len(classes)} "
+                              "class probabilities per test image")  # fmt: skip
+    return Checkpoint(model, config, classes, contents["history"], probabilities)
+
+
+def is_probability_table(table, num_classes):
+    return isinstance(table, torch.Tensor) and table.is_floating_point() and table.shape[1:] == (num_classes,)
 
 
 def read_checkpoint(path):

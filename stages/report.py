@@ -1,7 +1,7 @@
 """Stage `report`: draw every try's figures with matplotlib into plots/report/.
 
-Reads data/cifar10/ (the sample grid, and the test images each try classifies here),
-params.yaml's `tries`, and models/<try>.pt of each try (its model and per-epoch history). Writes:
+Reads data/cifar10/ (the sample grid and the test images), params.yaml's `tries`, and models/<try>.pt of each
+try (its model, its per-epoch history, and its final evaluation's class probabilities of the test images). Writes:
   plots/report/samples.png            20 training images with their labels, as in the post
   plots/report/<try>_curves.png       loss and accuracy per epoch, training vs validation, and how each was taken
   plots/report/val_acc_by_try.png     every try's validation accuracy per epoch
@@ -24,7 +24,7 @@ from torch import nn  # noqa: E402
 
 from stages.data import DATASET_DIR, load_dataset  # noqa: E402
 from stages.errors import PipelineError, exits_cleanly  # noqa: E402
-from stages.inference import load_checkpoint, predict_probabilities, test_time_views  # noqa: E402
+from stages.inference import load_checkpoint, test_time_views  # noqa: E402
 from stages.outputs import atomic_dir, outputs_for  # noqa: E402
 from stages.params import load_params  # noqa: E402
 
@@ -161,19 +161,29 @@ def save(fig, path):
     plt.close(fig)
 
 
-def load_try(name):
+def load_try(name, test_count):
+    """Try name's checkpoint, which must hold the probabilities of test_count test images."""
     path = outputs_for(name).model
     if not path.exists():
         raise PipelineError(f"{path} is missing; run `dvc repro train@{name}` first")
-    return load_checkpoint(path)
+    checkpoint = load_checkpoint(path)
+    probabilities, again = checkpoint.test_probabilities, f"run `dvc repro train@{name}`"
+    if probabilities is None:
+        raise PipelineError(
+            f"{path} holds no probabilities of the test images: an older stages/train.py wrote it; {again}"
+        )
+    if len(probabilities) != test_count:
+        raise PipelineError(
+            f"{path} holds the probabilities of {len(probabilities):,} test images, and data/cifar10 has "
+            f"{test_count:,}: it was trained on other data; {again}"
+        )
+    return checkpoint
 
 
 def report(try_names, dataset, out_dir=REPORT_DIR):
-    checkpoints = {name: load_try(name) for name in try_names}
     test, classes = dataset.test, dataset.classes
-    probabilities = {
-        name: predict_probabilities(c.model, test.images, test_time_views(c)) for name, c in checkpoints.items()
-    }
+    checkpoints = {name: load_try(name, len(test.labels)) for name in try_names}
+    probabilities = {name: c.test_probabilities for name, c in checkpoints.items()}
     accuracies = {name: class_accuracy(p, test.labels, len(classes)) for name, p in probabilities.items()}
     overall = {name: 100 * (p.argmax(1) == test.labels).float().mean().item() for name, p in probabilities.items()}
     with atomic_dir(out_dir) as partial:

@@ -2,7 +2,8 @@
 
 Reads data/cifar10/ and configs/<try>.yaml, the try's effective config that the configure
 stage writes (`train` overlaid with `tries.<try>`, plus `augment` when the try augments). Writes:
-  models/<try>.pt                 state dict, effective config, class names, history
+  models/<try>.pt                 state dict, effective config, class names, history, and the final
+                                  evaluation's class probabilities of the test images (for the report)
   metrics/<try>.json              last epoch's train/val loss and accuracy, best epoch, size, time
   plots/<try>/history.csv         epoch,train_loss,train_acc,val_loss,val_acc
   plots/<try>/predictions.csv     actual,predicted class of every test image
@@ -186,13 +187,14 @@ def raise_if_not_finite(losses, start):
 
 @torch.no_grad()
 def evaluate(model, split, amp=False, tta="none"):
-    """Loss and accuracy (%) over every image of split, in eval mode (dropout off, BatchNorm's running statistics).
+    """Loss and accuracy (%) over every image of split, in eval mode (dropout off, BatchNorm's running statistics),
+    with each image's predicted class and class probabilities (float32, on the CPU).
 
     tta names the test-time views whose logits are averaged (see stages.recipe.predict).
     """
     model.eval()
     device = split.images.device
-    losses, predictions = [], []  # per image, so that the sum does not depend on how images are batched
+    losses, predictions, probabilities = [], [], []  # per image: the sum does not depend on how images are batched
     for start in range(0, len(split.labels), EVAL_BATCH):
         images = split.images[start : start + EVAL_BATCH]
         labels = split.labels[start : start + EVAL_BATCH]
@@ -200,10 +202,12 @@ def evaluate(model, split, amp=False, tta="none"):
             outputs = predict(model, normalise(images), tta)
         losses.append(F.cross_entropy(outputs.float(), labels, reduction="none"))
         predictions.append(outputs.argmax(1))
-    predictions = torch.cat(predictions)
+        probabilities.append(F.softmax(outputs.float(), dim=1))
+    predictions, probabilities = torch.cat(predictions), torch.cat(probabilities)
     count = len(split.labels)
     accuracy = 100 * (predictions == split.labels).sum().item() / count
-    return {"loss": torch.cat(losses).sum().item() / count, "acc": accuracy, "predictions": predictions.cpu()}
+    loss = torch.cat(losses).sum().item() / count
+    return {"loss": loss, "acc": accuracy, "predictions": predictions.cpu(), "probabilities": probabilities.cpu()}
 
 
 def train(config, recipe, dataset, outputs, name="try"):
@@ -237,10 +241,10 @@ def train(config, recipe, dataset, outputs, name="try"):
     history = []
     for epoch in range(1, config["epochs"] + 1):
         freeze_whitening_bias(model, config, epoch)
-        row, predictions = run_epoch(epoch, model, updates, data, config, generator, augment, name)
+        row, final = run_epoch(epoch, model, updates, data, config, generator, augment, name)
         history.append(row)
     metrics = summarise(history, count_parameters(model), time.perf_counter() - started)
-    write_outputs(outputs, model, config, dataset.classes, history, predictions, dataset.test.labels, metrics)
+    write_outputs(outputs, model, config, dataset.classes, history, final, dataset.test.labels, metrics)
     return metrics
 
 
@@ -293,7 +297,7 @@ def build_augmentation(config, recipe, generator, count):
 
 
 def run_epoch(epoch, model, updates, data, config, generator, augment, name):
-    """Trains and evaluates one epoch, prints it like the post does; returns its history row and predictions."""
+    """Trains and evaluates one epoch, prints it like the post does; returns its history row and its evaluation."""
     started = time.perf_counter()
     epochs = config["epochs"]
     try:
@@ -326,7 +330,7 @@ def run_epoch(epoch, model, updates, data, config, generator, augment, name):
         "val_loss": val["loss"],
         "val_acc": val["acc"],
     }
-    return row, val["predictions"]
+    return row, val
 
 
 def is_out_of_memory(error):
@@ -347,11 +351,16 @@ def summarise(history, parameters, seconds):
     }
 
 
-def write_outputs(outputs, model, config, classes, history, predictions, labels, metrics):
-    """Metrics go last, so a complete metrics file means every other output is complete too."""
+def write_outputs(outputs, model, config, classes, history, final, labels, metrics):
+    """final: the last epoch's evaluation. Metrics go last, so a complete metrics file means every other output
+    is complete too."""
     with atomic_path(outputs.model) as partial:
         state = {k: v.cpu() for k, v in model.state_dict().items()}
-        torch.save({"state_dict": state, "config": config, "classes": classes, "history": history}, partial)
+        # The test probabilities spare the report a pass over the test images with each try's views (a minute
+        # on a CPU for the full set) and give it the probabilities behind predictions.csv on any device.
+        checkpoint = {"state_dict": state, "config": config, "classes": classes, "history": history,
+                      "test_probabilities": final["probabilities"]}  # fmt: skip
+        torch.save(checkpoint, partial)
     write_csv(
         outputs.history,
         HISTORY_HEADER,
@@ -369,7 +378,7 @@ def write_outputs(outputs, model, config, classes, history, predictions, labels,
     write_csv(
         outputs.predictions,
         ["actual", "predicted"],
-        [[classes[a], classes[p]] for a, p in zip(labels.tolist(), predictions.tolist(), strict=True)],
+        [[classes[a], classes[p]] for a, p in zip(labels.tolist(), final["predictions"].tolist(), strict=True)],
     )
     write_json(outputs.metrics, metrics)
 

@@ -30,7 +30,8 @@ def save_checkpoint(path, model_name="lenet", **changes):
     """A checkpoint as stages/train.py writes it, of an untrained model, with some entries changed."""
     torch.manual_seed(0)
     state = build_model(model_name).state_dict()
-    contents = {"state_dict": state, "config": {"model": model_name, "epochs": 1}, "classes": CLASSES, "history": []}
+    contents = {"state_dict": state, "config": {"model": model_name, "epochs": 1}, "classes": CLASSES, "history": [],
+                "test_probabilities": torch.full((3, len(CLASSES)), 1 / len(CLASSES))}  # fmt: skip
     torch.save({**contents, **changes}, path)
     return path
 
@@ -47,6 +48,15 @@ def test_every_registered_model_loads_and_predicts_what_it_computes(tmp_path, na
     expected = F.softmax(reference(normalise(images)), dim=1)
     assert probabilities.shape == (7, 10) and torch.allclose(probabilities, expected, atol=1e-6)
     assert torch.allclose(probabilities.sum(1), torch.ones(7))
+
+
+def test_a_checkpoint_from_before_training_kept_test_probabilities_still_loads(tmp_path):
+    older = save_checkpoint(tmp_path / "try.pt")
+    contents = torch.load(older, weights_only=True)
+    del contents["test_probabilities"]
+    torch.save(contents, older)
+    checkpoint = load_checkpoint(older)
+    assert checkpoint.test_probabilities is None and checkpoint.config["model"] == "lenet"
 
 
 def test_the_top_class_is_the_prediction_training_recorded(trained_try, learnable_dataset):
@@ -121,6 +131,14 @@ BROKEN = {
     "wrong-shapes": (
         lambda path: save_checkpoint(path, classes=CLASSES[:5]),
         r"its weights do not fit LeNet: it has wrong shapes for fc2.weight, fc2.bias",
+    ),
+    "probabilities-of-other-classes": (
+        lambda path: save_checkpoint(path, test_probabilities=torch.full((3, 5), 0.2)),
+        r"test_probabilities must be a float tensor of one row of 10 class probabilities per test image",
+    ),
+    "predictions-for-probabilities": (
+        lambda path: save_checkpoint(path, test_probabilities=torch.tensor([3, 1, 4])),
+        r"test_probabilities must be a float tensor",
     ),
 }
 

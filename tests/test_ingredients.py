@@ -80,10 +80,14 @@ def test_the_final_evaluation_and_the_report_take_the_trys_test_time_views(train
     again = evaluate(checkpoint.model, test, tta=tta)  # the metrics file rounds: 5 decimals, 2 for percentages
     assert again["loss"] == pytest.approx(viewed["val"]["loss"], abs=1e-5)
     assert again["acc"] == pytest.approx(viewed["val"]["acc"], abs=1e-2)
-    predicted = inference.predict_probabilities(checkpoint.model, test.images, tta).argmax(1)
+    # The probabilities the report reads are the views' average, as the prediction command's are.
+    views = inference.predict_probabilities(checkpoint.model, test.images, tta)
+    assert torch.allclose(checkpoint.test_probabilities, views, atol=1e-6)
+    plain_view = inference.predict_probabilities(checkpoint.model, test.images)
+    assert not torch.allclose(checkpoint.test_probabilities, plain_view, atol=1e-3)
     with open(outputs.predictions) as f:
         recorded = [learnable_dataset.classes.index(row["predicted"]) for row in csv.DictReader(f)]
-    assert predicted.tolist() == recorded
+    assert views.argmax(1).tolist() == checkpoint.test_probabilities.argmax(1).tolist() == recorded
 
 
 def test_a_checkpoint_rebuilds_the_model_with_the_trys_options(trained, learnable_dataset):

@@ -34,13 +34,17 @@ def dataset():
     return Dataset(split, split, CLASSES)
 
 
-def write_checkpoint(name, epochs):
+def write_checkpoint(name, epochs, test_count=20):
     history = [{"epoch": e, "train_loss": 2.0 / e, "train_acc": 10.0 * e, "val_loss": 2.1 / e, "val_acc": 9.0 * e}
                for e in range(1, epochs + 1)]  # fmt: skip
     path = outputs_for(name).model
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = build_model("lenet").state_dict()  # untrained: it gets some images wrong
-    torch.save({"state_dict": state, "config": {"model": "lenet"}, "classes": CLASSES, "history": history}, path)
+    state = build_model("lenet").state_dict()
+    # Random answers, a different set for each try: it gets some images wrong, others right.
+    logits = torch.randn(test_count, len(CLASSES), generator=torch.Generator().manual_seed(len(name)))
+    checkpoint = {"state_dict": state, "config": {"model": "lenet"}, "classes": CLASSES, "history": history,
+                  "test_probabilities": logits.softmax(1)}  # fmt: skip
+    torch.save(checkpoint, path)
 
 
 def test_report_draws_the_grid_each_try_and_the_comparison(tmp_path, monkeypatch, dataset):
@@ -78,11 +82,11 @@ def test_the_figures_plot_each_trys_own_numbers(tmp_path, monkeypatch, dataset):
             assert lines == {"training (dropout on)": training, "validation": validation}
     bars = drawn["accuracy_by_class.png"].axes[0].containers
     for container, (name, checkpoint) in zip(bars, checkpoints.items(), strict=True):
-        views = inference.test_time_views(checkpoint)
-        probabilities = inference.predict_probabilities(checkpoint.model, dataset.test.images, views)
-        expected = class_accuracy(probabilities, dataset.test.labels, len(CLASSES)).tolist()
+        expected = class_accuracy(checkpoint.test_probabilities, dataset.test.labels, len(CLASSES)).tolist()
         assert container.get_label().startswith(name)
         assert [bar.get_height() for bar in container] == pytest.approx(expected)
+        assert 0 < sum(expected) < 100 * len(CLASSES)  # some right, some wrong
+    assert bars[0].datavalues.tolist() != bars[1].datavalues.tolist()
     plt.close("all")
 
 
@@ -139,5 +143,21 @@ def test_confident_mistakes_are_the_wrong_answers_most_confident_first():
 def test_a_missing_checkpoint_names_the_stage_to_run(tmp_path, monkeypatch, dataset):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(PipelineError, match=r"models/lenet.pt is missing; run `dvc repro train@lenet` first"):
+        report(["lenet"], dataset, tmp_path / "plots" / "report")
+    assert not (tmp_path / "plots" / "report").exists()
+
+
+def test_a_checkpoint_without_the_test_sets_probabilities_names_the_stage_to_rerun(tmp_path, monkeypatch, dataset):
+    monkeypatch.chdir(tmp_path)
+    write_checkpoint("lenet", 2)
+    write_checkpoint("mine", 2, test_count=30)  # trained while data/cifar10 held other test images
+    with pytest.raises(PipelineError, match=r"models/mine.pt holds the probabilities of 30 test images, and "
+                                            r"data/cifar10 has 20: .*; run `dvc repro train@mine`"):  # fmt: skip
+        report(["lenet", "mine"], dataset, tmp_path / "plots" / "report")
+    older = torch.load(outputs_for("lenet").model, weights_only=True)
+    del older["test_probabilities"]  # as stages/train.py wrote checkpoints before it kept them
+    torch.save(older, outputs_for("lenet").model)
+    with pytest.raises(PipelineError, match=r"models/lenet.pt holds no probabilities of the test images: an older "
+                                            r"stages/train.py wrote it; run `dvc repro train@lenet`"):  # fmt: skip
         report(["lenet"], dataset, tmp_path / "plots" / "report")
     assert not (tmp_path / "plots" / "report").exists()

@@ -73,6 +73,10 @@ def test_a_try_learns_and_writes_every_output(tmp_path, params, dataset, name, d
     checkpoint = torch.load(outputs.model, weights_only=True)
     assert checkpoint["config"]["model"] == params["tries"][name]["model"]
     assert checkpoint["classes"] == dataset.classes and len(checkpoint["history"]) == 2
+    # The report's probabilities: one row per test image, behind each prediction of the file.
+    probabilities = checkpoint["test_probabilities"]
+    assert probabilities.dtype == torch.float32 and torch.allclose(probabilities.sum(1), torch.ones(300))
+    assert [dataset.classes[i] for i in probabilities.argmax(1).tolist()] == [row["predicted"] for row in predictions]
     assert not [p for p in tmp_path.rglob("*partial*")]
     # Saved for the CPU wherever it trained: the checkpoint's model answers there as training recorded.
     model = load_checkpoint(outputs.model)
