@@ -1,7 +1,9 @@
 """A trained try as a model that predicts: checkpoint in, class probabilities out.
 
-Shared by `python -m stages.predict` and the report stage, so that both see a try's
-predictions the same way, and a change to how a model predicts lands in one place.
+`python -m stages.predict` runs a try's model on a user's images with predict_probabilities,
+which batches, normalises and averages test-time views as evaluation in training does, so that
+it sees a try's predictions as training did. The report stage reads checkpoints here too, and
+takes the test images' probabilities that training saved in them.
 
     checkpoint = load_checkpoint("models/lenet2.pt")    # written by stages/train.py
     probabilities = predict_probabilities(checkpoint.model, images)  # uint8 (B, 3, 32, 32) -> (B, 10)
@@ -51,7 +53,7 @@ class Checkpoint(NamedTuple):
     config: dict  # the try's effective config; config["model"] names the model in stages.models.MODELS
     classes: list
     history: list  # one dict per epoch, as in plots/<try>/history.csv
-    # (test images, classes) float32: the final evaluation's probabilities, behind plots/<try>/predictions.csv;
+    # (test images, classes) float: the final evaluation's probabilities, behind plots/<try>/predictions.csv;
     # None in a checkpoint written before training kept them
     test_probabilities: torch.Tensor | None = None
 
@@ -78,8 +80,10 @@ def load_checkpoint(path):
     model.to(memory_format=torch.channels_last).eval()  # the layout training evaluated in: same rounding
     probabilities = contents.get("test_probabilities")
     if probabilities is not None and not is_probability_table(probabilities, len(classes)):
+        table = probabilities
+        found = f"{table.dtype} of shape {tuple(table.shape)}" if torch.is_tensor(table) else type(table).__name__
         raise CheckpointError(f"{path}: test_probabilities must be a float tensor of one row of {len(classes)} "
-                              "class probabilities per test image")  # fmt: skip
+                              f"class probabilities per test image, found {found}")  # fmt: skip
     return Checkpoint(model, config, classes, contents["history"], probabilities)
 
 

@@ -194,7 +194,8 @@ def evaluate(model, split, amp=False, tta="none"):
     """
     model.eval()
     device = split.images.device
-    losses, predictions, probabilities = [], [], []  # per image: the sum does not depend on how images are batched
+    losses = []  # per image, so that the sum does not depend on how images are batched
+    predictions, probabilities = [], []
     for start in range(0, len(split.labels), EVAL_BATCH):
         images = split.images[start : start + EVAL_BATCH]
         labels = split.labels[start : start + EVAL_BATCH]

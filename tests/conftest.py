@@ -1,7 +1,6 @@
 """Shared fixtures: small archives in the official layout, a loopback HTTP server, a temporary project,
 a small trained try."""
 
-import collections
 import functools
 import http.server
 import json
@@ -63,20 +62,12 @@ GIT_IDENTITY = {
 
 
 def pytest_collection_modifyitems(config, items):
-    """End-to-end files first, the one with the most end-to-end tests (test_pipeline.py, minutes) ahead: each
-    takes a minute or more, and the quick files fill in around them (the suite runs files side by side,
-    pyproject.toml); a file's own tests keep their order.
-
-    A test parametrised over GPUS on a machine without a GPU has no case: pytest would count it as
-    skipped, as if something had not run that could; it is deselected instead, and reported so.
-    """
+    """A test parametrised over GPUS on a machine without a GPU has no case: pytest would count it as
+    skipped, as if something had not run that could; it is deselected instead, and reported so."""
     without_cases = [item for item in items if has_no_cases(item)]
     if without_cases:
         config.hook.pytest_deselected(items=without_cases)
         items[:] = [item for item in items if item not in without_cases]
-    is_e2e = lambda item: item.get_closest_marker("e2e") is not None  # noqa: E731
-    e2e_count = collections.Counter(item.path for item in items if is_e2e(item))
-    items.sort(key=lambda item: (not is_e2e(item), -e2e_count[item.path]))
 
 
 def has_no_cases(item):

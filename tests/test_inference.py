@@ -134,11 +134,12 @@ BROKEN = {
     ),
     "probabilities-of-other-classes": (
         lambda path: save_checkpoint(path, test_probabilities=torch.full((3, 5), 0.2)),
-        r"test_probabilities must be a float tensor of one row of 10 class probabilities per test image",
+        r"test_probabilities must be a float tensor of one row of 10 class probabilities per test image, "
+        r"found torch.float32 of shape \(3, 5\)$",
     ),
     "predictions-for-probabilities": (
         lambda path: save_checkpoint(path, test_probabilities=torch.tensor([3, 1, 4])),
-        r"test_probabilities must be a float tensor",
+        r"test_probabilities must be a float tensor .* found torch.int64 of shape \(3,\)$",
     ),
 }
 
