@@ -80,15 +80,18 @@ def load_checkpoint(path):
     model.to(memory_format=torch.channels_last).eval()  # the layout training evaluated in: same rounding
     probabilities = contents.get("test_probabilities")
     if probabilities is not None and not is_probability_table(probabilities, len(classes)):
-        table = probabilities
-        found = f"{table.dtype} of shape {tuple(table.shape)}" if torch.is_tensor(table) else type(table).__name__
         raise CheckpointError(f"{path}: test_probabilities must be a float tensor of one row of {len(classes)} "
-                              f"class probabilities per test image, found {found}")  # fmt: skip
+                              f"class probabilities per test image, found {described(probabilities)}")  # fmt: skip
     return Checkpoint(model, config, classes, contents["history"], probabilities)
 
 
 def is_probability_table(table, num_classes):
     return isinstance(table, torch.Tensor) and table.is_floating_point() and table.shape[1:] == (num_classes,)
+
+
+def described(value):
+    """A tensor's dtype and shape, or another value's type: what a message about a wrong entry shows of it."""
+    return f"{value.dtype} of shape {tuple(value.shape)}" if torch.is_tensor(value) else type(value).__name__
 
 
 def read_checkpoint(path):

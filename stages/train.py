@@ -188,27 +188,26 @@ def raise_if_not_finite(losses, start):
 @torch.no_grad()
 def evaluate(model, split, amp=False, tta="none"):
     """Loss and accuracy (%) over every image of split, in eval mode (dropout off, BatchNorm's running statistics),
-    with each image's predicted class and class probabilities (float32, on the CPU).
+    with each image's predicted class and logits (float32, on the CPU).
 
     tta names the test-time views whose logits are averaged (see stages.recipe.predict).
     """
     model.eval()
     device = split.images.device
-    losses = []  # per image, so that the sum does not depend on how images are batched
-    predictions, probabilities = [], []
+    losses, logits = [], []  # per image, so that the sum does not depend on how images are batched
     for start in range(0, len(split.labels), EVAL_BATCH):
         images = split.images[start : start + EVAL_BATCH]
         labels = split.labels[start : start + EVAL_BATCH]
         with mixed_precision(device, amp):
             outputs = predict(model, normalise(images), tta)
-        losses.append(F.cross_entropy(outputs.float(), labels, reduction="none"))
-        predictions.append(outputs.argmax(1))
-        probabilities.append(F.softmax(outputs.float(), dim=1))
-    predictions, probabilities = torch.cat(predictions), torch.cat(probabilities)
+        logits.append(outputs.float())  # exact for bfloat16 (amp): the same argmax
+        losses.append(F.cross_entropy(logits[-1], labels, reduction="none"))
+    logits = torch.cat(logits)
+    predictions = logits.argmax(1)
     count = len(split.labels)
     accuracy = 100 * (predictions == split.labels).sum().item() / count
     loss = torch.cat(losses).sum().item() / count
-    return {"loss": loss, "acc": accuracy, "predictions": predictions.cpu(), "probabilities": probabilities.cpu()}
+    return {"loss": loss, "acc": accuracy, "predictions": predictions.cpu(), "logits": logits.cpu()}
 
 
 def train(config, recipe, dataset, outputs, name="try"):
@@ -360,7 +359,7 @@ def write_outputs(outputs, model, config, classes, history, final, labels, metri
         # The test probabilities spare the report a pass over the test images with each try's views (a minute
         # on a CPU for the full set) and give it the probabilities behind predictions.csv on any device.
         checkpoint = {"state_dict": state, "config": config, "classes": classes, "history": history,
-                      "test_probabilities": final["probabilities"]}  # fmt: skip
+                      "test_probabilities": F.softmax(final["logits"], dim=1)}  # fmt: skip
         torch.save(checkpoint, partial)
     write_csv(
         outputs.history,

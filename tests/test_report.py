@@ -42,7 +42,7 @@ def write_checkpoint(name, epochs, test_count=20):
     path = outputs_for(name).model
     path.parent.mkdir(parents=True, exist_ok=True)
     state = build_model("lenet").state_dict()
-    # Random answers, a different set for each try: it gets some images wrong, others right.
+    # Random answers, a different set for each try (seeded by its name): most of them wrong.
     logits = torch.randn(test_count, len(CLASSES), generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
     checkpoint = {"state_dict": state, "config": {"model": "lenet"}, "classes": CLASSES, "history": history,
                   "test_probabilities": logits.softmax(1)}  # fmt: skip
