@@ -110,3 +110,26 @@ def test_the_overlays_give_each_try_a_colour_and_each_revision_a_dash():
     # DVC's own: every line of one revision takes the same colour, told apart by dashes only.
     theirs, _ = drawn_lines("linear", tries, revisions)
     assert len({theirs[f"{name}/history.csv", "HEAD"][0] for name in tries}) == 1
+
+
+def x_labels(template, epochs):
+    """The x axis's labels Vega writes for two tries' history.csv over epochs 1..epochs."""
+    files = ["lenet/history.csv", "airbench/history.csv"]
+    data = [{"epoch": epoch, "val_acc": 50.0 + epoch / 7, "rev": "HEAD", "filename": file}
+            for file in files for epoch in range(1, epochs + 1)]  # fmt: skip
+    sources = [{"filename": file, "field": "val_acc"} for file in files]
+    svg = drawn_svg(data, template, x="epoch", y="val_acc", anchors_y_definitions=sources)
+    texts = re.findall(r"<text[^>]*>([^<]*)</text>", svg)
+    return texts[: texts.index("epoch")]  # the labels come before the axis's title
+
+
+@pytest.mark.parametrize("epochs", [1, 3, 12, 40])
+def test_the_overlays_tick_whole_epochs(epochs):
+    template = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"][0]["validation accuracy"]["template"]
+    labels = x_labels(template, epochs)
+    assert labels and all(label.isdigit() for label in labels), labels  # 0, 5, 10, ... at 40 epochs
+    assert epochs > 12 or labels == [str(epoch) for epoch in range(1, epochs + 1)]  # every epoch where they fit
+
+
+def test_dvc_s_own_template_ticks_between_epochs():
+    assert "1.2" in x_labels("linear", 3)  # what the overlays' template mends
