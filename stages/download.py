@@ -104,14 +104,16 @@ def fetch_http(url, path, attempts=ATTEMPTS):
 
 def fetch_once(url, path):
     try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, open(path, "wb") as out:
+        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, writing(path) as write:
             total = int(response.headers.get("Content-Length") or 0) or None
+            received = 0
             with tqdm(total=total, unit="B", unit_scale=True, desc="download", disable=None) as bar:
                 while chunk := response.read(CHUNK):
-                    out.write(chunk)
+                    write(chunk)
+                    received += len(chunk)
                     bar.update(len(chunk))
-            if total is not None and out.tell() != total:
-                raise TransientError(f"the transfer ended after {out.tell()} of {total} bytes")
+        if total is not None and received != total:
+            raise TransientError(f"the transfer ended after {received} of {total} bytes")
     except urllib.error.HTTPError as error:
         if error.code >= 500 or error.code == 429:
             raise TransientError(f"HTTP {error.code} {error.reason}") from None
@@ -128,6 +130,36 @@ def fetch_once(url, path):
             f"could not download {url}: {reason}; check data.url in params.yaml, "
             "or point it at a local copy (file:///path/to/cifar-10-python.tar.gz)"
         ) from None
+
+
+@contextmanager
+def writing(path):
+    """Yields a function that appends bytes to path. Errors of the local disk (full, read-only) raise a
+    DownloadError that says so, where fetch_once would take any OSError for the network's."""
+
+    def fail(error):
+        return DownloadError(
+            f"could not write the download to {path.parent}: {error.strerror or error}; free some disk space, "
+            "or make the folder writable"
+        )
+
+    try:
+        out = open(path, "wb")
+    except OSError as error:
+        raise fail(error) from None
+    with out:
+
+        def write(chunk):
+            try:
+                out.write(chunk)
+            except OSError as error:
+                raise fail(error) from None
+
+        yield write
+        try:
+            out.flush()  # a full disk may only show here
+        except OSError as error:
+            raise fail(error) from None
 
 
 def check_md5(path, expected, url):

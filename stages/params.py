@@ -35,7 +35,7 @@ MODEL_OPTIONS = {
 }
 WIDTH_COUNTS = {"airbench": 3}
 # Try names become file names (models/<try>.pt) and DVC stage names (train@<try>).
-TRY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+TRY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # fullmatch: "$" would let a final newline in
 
 
 class Rule:
@@ -86,13 +86,13 @@ TRAIN_SCHEMA = {
     "batch_size": POSITIVE_INT,
     "lr": POSITIVE_NUMBER,
     "optimizer": one_of(*OPTIMIZERS),
-    "momentum": NON_NEGATIVE_NUMBER,
+    "momentum": BELOW_ONE,
     "nesterov": BOOLEAN,
     "weight_decay": NON_NEGATIVE_NUMBER,
     "norm_bias_lr": POSITIVE_NUMBER,
     "muon_lr": NON_NEGATIVE_NUMBER,
     "muon_momentum": BELOW_ONE,
-    "warmup": PROBABILITY,
+    "warmup": BELOW_ONE,  # 1 would leave no step for the decay to lr_end
     "lr_start": NON_NEGATIVE_NUMBER,
     "lr_end": NON_NEGATIVE_NUMBER,
     "label_smoothing": BELOW_ONE,
@@ -236,7 +236,7 @@ def check_tries(tries):
         return [f"tries: expected a non-empty mapping of try name to its settings, got {tries!r}"]
     problems = []
     for name, settings in tries.items():
-        if not isinstance(name, str) or not TRY_NAME.match(name):
+        if not isinstance(name, str) or not TRY_NAME.fullmatch(name):
             problems.append(
                 f"tries.{name}: a try name may hold only letters, digits, '_', '.' and '-', "
                 "and starts with a letter, digit or '_'"
@@ -291,13 +291,24 @@ def try_config(params, name):
     return {**config, "augment_recipe": params["augment"]} if config["augment"] else config
 
 
+def missing_config(path):
+    """Why configs/<try>.yaml may be missing, with the tries that configure did write."""
+    written = sorted(found.stem for found in path.parent.glob("*.yaml"))
+    if not written:
+        return f"{path} not found; `dvc repro` writes it (stage configure) from params.yaml"
+    return (
+        f"{path} not found; the tries configured are {', '.join(written)}: check the name against "
+        "params.yaml's tries, and run `dvc repro` (stage configure) after adding one"
+    )
+
+
 def read_try_config(name, configs_dir=CONFIGS_DIR):
     """(config, recipe) of one try from configs/<try>.yaml; recipe is None when the try does not augment."""
     path = try_config_file(name, configs_dir)
     try:
         config = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise PipelineError(f"{path} not found; `dvc repro` writes it (stage configure) from params.yaml") from None
+        raise PipelineError(missing_config(path)) from None
     if not isinstance(config, dict):
         raise ParamsError([f"expected a mapping, got {config!r}"], source=str(path))
     recipe = config.pop("augment_recipe", None)

@@ -97,7 +97,7 @@ def predict(checkpoint, paths):
 def format_table(results):
     shown = [result for result in results if "top" in result]
     width = max(len(c["class"]) for result in shown for c in result["top"])
-    rows = [["image", *(f"top {k + 1}" for k in range(TOP))]]
+    rows = [["image", *(f"top {k + 1}" for k in range(len(shown[0]["top"])))]]  # fewer than TOP for fewer classes
     for result in shown:
         cells = [f"{c['class']:<{width}} {100 * c['probability']:5.1f}%" for c in result["top"]]
         rows.append([result["image"], *cells])

@@ -132,7 +132,8 @@ class LrSchedule:
 
     def __init__(self, optimizer, config, total_steps):
         self.optimizer, self.total = optimizer, total_steps
-        self.warmup_steps = int(total_steps * config["warmup"])
+        # At least one step once warmup > 0: a share of a short run that rounds down to none would drop it silently.
+        self.warmup_steps = max(int(total_steps * config["warmup"]), 1) if config["warmup"] > 0 else 0
         self.start, self.end = config["lr_start"], config["lr_end"]
         self.base = [group["lr"] for group in optimizer.param_groups]
         self.constant = self.warmup_steps == 0 and self.end == 1

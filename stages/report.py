@@ -37,7 +37,7 @@ TTA_WORDS = {"flip": "test-time flips", "flip_translate": "test-time flips and s
 def draw_samples(dataset, path):
     """The post's 2 x 10 grid. Pixels are shown as stored (uint8), so no un-normalising can go wrong."""
     fig = plt.figure(figsize=(25, 4))
-    for i in range(SAMPLE_COUNT):
+    for i in range(min(SAMPLE_COUNT, len(dataset.train.labels))):
         ax = fig.add_subplot(2, 10, i + 1, xticks=[], yticks=[])
         ax.imshow(dataset.train.images[i].permute(1, 2, 0).numpy())  # (3, 32, 32) -> (32, 32, 3)
         ax.set_title(dataset.classes[dataset.train.labels[i]])
@@ -121,7 +121,8 @@ def draw_class_accuracy(accuracies, overall, classes, path):
     for k, (name, accuracy) in enumerate(accuracies.items()):
         offsets = torch.arange(len(classes)) + (k - (len(accuracies) - 1) / 2) * width
         ax.bar(offsets.tolist(), accuracy.tolist(), width, label=f"{name} ({overall[name]:.1f}% overall)")
-    ax.set_xticks(range(len(classes)), classes)
+    absent = torch.stack(list(accuracies.values())).isnan().all(0).tolist()  # no test images: no bars
+    ax.set_xticks(range(len(classes)), [f"{c}\n(no images)" if a else c for c, a in zip(classes, absent, strict=True)])
     ax.set(ylabel="accuracy (%)", ylim=(0, 100), title="Accuracy per class on the test images, by try")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
@@ -142,10 +143,11 @@ def draw_mistakes(name, split, probabilities, classes, path):
 
 
 def class_accuracy(probabilities, labels, num_classes):
-    """Accuracy (%) on the images of each class: (num_classes,)."""
+    """Accuracy (%) on the images of each class: (num_classes,), nan for a class without test images
+    (a small test set may lack one: 0% would say the try gets it all wrong)."""
     right = (probabilities.argmax(1) == labels).float()
-    counts = torch.bincount(labels, minlength=num_classes).clamp(min=1)
-    return 100 * torch.bincount(labels, weights=right, minlength=num_classes) / counts
+    counts = torch.bincount(labels, minlength=num_classes)
+    return 100 * torch.bincount(labels, weights=right, minlength=num_classes) / counts  # 0 / 0: nan
 
 
 def confident_mistakes(probabilities, labels, count):
@@ -197,7 +199,8 @@ def report(try_names, dataset, out_dir=REPORT_DIR):
         draw_comparison(histories, partial / "val_acc_by_try.png", final_views)
         draw_class_accuracy(accuracies, overall, classes, partial / "accuracy_by_class.png")
     for name, accuracy in accuracies.items():
-        print(f"{name}: " + ", ".join(f"{c} {a:.1f}%" for c, a in zip(classes, accuracy.tolist(), strict=True)))
+        shares = [f"{c} {a:.1f}%" if a == a else f"{c} n/a" for c, a in zip(classes, accuracy.tolist(), strict=True)]
+        print(f"{name}: " + ", ".join(shares))  # n/a: no test images of the class (a != a for nan)
     print(f"wrote {out_dir}: {2 * len(checkpoints) + 3} figures")
 
 

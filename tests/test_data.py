@@ -8,7 +8,7 @@ import pytest
 
 from stages.data import ArchiveError, load_dataset
 from stages.download import DownloadError, download
-from tests.cifar_archive import CLASSES, batch_files, learnable_images, write_archive
+from tests.cifar_archive import CLASSES, batch_files, learnable_images, py2_pickle, write_archive
 
 
 def archive(tmp_path, files, name="cifar.tar.gz"):
@@ -112,6 +112,18 @@ def test_batches_of_the_wrong_shape_or_range_are_refused(tmp_path, batch, expect
     path, md5 = archive(tmp_path, files)
     with pytest.raises(ArchiveError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         download(str(path), md5, tmp_path / "data" / "cifar10")
+
+
+@pytest.mark.parametrize("emptied", [["test_batch"], [f"data_batch_{b}" for b in range(1, 6)]])
+def test_an_archive_without_test_or_training_images_is_refused(tmp_path, emptied):
+    files = batch_files()
+    for name in emptied:
+        files[name] = py2_pickle({"data": np.zeros((0, 3072), np.uint8), "labels": []})  # as the official batches
+    path, md5 = archive(tmp_path, files)
+    what = "test_batch" if emptied == ["test_batch"] else "training batches"
+    with pytest.raises(ArchiveError, match=f"the archive's {what} hold no images"):
+        download(str(path), md5, tmp_path / "data" / "cifar10")
+    assert not (tmp_path / "data" / "cifar10").exists()
 
 
 class RunsACommand:

@@ -95,12 +95,14 @@ def test_an_unknown_try_is_named():
         (lambda p: p["tries"].update(y=[1]), "tries.y: expected a mapping"),
         (lambda p: p["tries"].update({"a/b": {"model": "lenet"}}), "tries.a/b: a try name may hold only"),
         (lambda p: p["tries"].update({"-x": {"model": "lenet"}}), "and starts with a letter, digit or '_'"),
+        (lambda p: p["tries"].update({"x2\n": {"model": "lenet"}}), "a try name may hold only"),  # a file name
         (lambda p: p.update(tries={}), "tries: expected a non-empty mapping"),
         (lambda p: p["train"].update(nesterov="yes"), "train.nesterov: got 'yes'; expected true or false"),
         (lambda p: p["train"].update(norm_bias_lr=0), "train.norm_bias_lr: got 0; expected a number > 0"),
         (lambda p: p["train"].update(muon_lr=-0.1), "train.muon_lr: got -0.1; expected a number >= 0"),
         (lambda p: p["tries"]["x"].update(muon_momentum=1), "tries.x.muon_momentum: got 1; expected a number >= 0"),
-        (lambda p: p["train"].update(warmup=1.5), "train.warmup: got 1.5; expected a number from 0 to 1"),
+        (lambda p: p["train"].update(warmup=1.0), "train.warmup: got 1.0; expected a number >= 0 and < 1"),
+        (lambda p: p["tries"]["x"].update(momentum=1.5), "tries.x.momentum: got 1.5; expected a number >= 0 and < 1"),
         (lambda p: p["tries"]["x"].update(lr_start=-1), "tries.x.lr_start: got -1; expected a number >= 0"),
         (lambda p: p["train"].update(lr_end="0.1"), "train.lr_end: got '0.1'; expected a number >= 0"),
         (
@@ -241,6 +243,9 @@ def test_a_missing_or_edited_try_config_is_named(tmp_path, params):
     with pytest.raises(PipelineError, match="configs/lenet.yaml not found; `dvc repro` writes it"):
         read_try_config("lenet", tmp_path / "configs")
     write_try_configs(params, tmp_path / "configs")
+    configured = "the tries configured are airbench, lenet, lenet2, lenet2_aug: check the name"
+    with pytest.raises(PipelineError, match=f"lenet3.yaml not found; {configured}"):
+        read_try_config("lenet3", tmp_path / "configs")  # a mistyped name: dvc repro would not write it
     path = tmp_path / "configs" / "lenet.yaml"
     path.write_text(path.read_text().replace("epochs: 12", "epochs: twelve"))
     with pytest.raises(ParamsError, match="lenet.yaml.epochs: got 'twelve'"):

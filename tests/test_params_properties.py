@@ -6,7 +6,16 @@ from hypothesis import strategies as st
 
 from stages.errors import ParamsError
 from stages.models import MODELS
-from stages.params import AUGMENT_SCHEMA, DEVICES, OPTIMIZERS, TRAIN_SCHEMA, TTA_MODES, check_params, load_params
+from stages.params import (
+    AUGMENT_SCHEMA,
+    DEVICES,
+    OPTIMIZERS,
+    TRAIN_SCHEMA,
+    TRY_SCHEMA,
+    TTA_MODES,
+    check_params,
+    load_params,
+)
 
 positive_ints = st.integers(1, 10_000)
 positive_floats = st.floats(1e-8, 10, allow_nan=False)
@@ -16,13 +25,13 @@ TRAIN_VALUES = {
     "batch_size": positive_ints,
     "lr": positive_floats,
     "optimizer": st.sampled_from(OPTIMIZERS),
-    "momentum": non_negative_floats,
+    "momentum": st.floats(0, 0.99),
     "nesterov": st.just(False),  # true is valid only with sgd and a momentum: test_params checks that pairing
     "weight_decay": non_negative_floats,
     "norm_bias_lr": positive_floats,
     "muon_lr": non_negative_floats,
     "muon_momentum": st.floats(0, 0.99),
-    "warmup": st.floats(0, 1),
+    "warmup": st.floats(0, 0.99),
     "lr_start": non_negative_floats,
     "lr_end": non_negative_floats,
     "label_smoothing": st.floats(0, 0.99),
@@ -83,7 +92,9 @@ def test_a_wrong_value_anywhere_is_named_with_what_is_allowed(tmp_path, params, 
     else:
         key = data.draw(st.sampled_from(list(SECTIONS[section])))
         where, mapping = f"{section}.{key}", params[section]
-    bad = data.draw(wrong_values if section == "tries" and key != "model" else wrong_values | st.none())
+    wrong = wrong_values if section == "tries" and key != "model" else wrong_values | st.none()
+    rule = (TRY_SCHEMA if section == "tries" else SECTIONS[section])[key]
+    bad = data.draw(wrong.filter(lambda value: not rule.accepts(value)))  # [2, 5] is a valid augment.scale
     mapping[key] = bad
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))

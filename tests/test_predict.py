@@ -12,7 +12,7 @@ from PIL import Image
 from torchvision import transforms
 
 from stages.inference import load_checkpoint, predict_probabilities
-from stages.predict import ImageError, load_image, main
+from stages.predict import ImageError, format_table, load_image, main
 from tests.conftest import ROOT, tool_env
 from tests.test_inference import hostile
 
@@ -64,6 +64,12 @@ def test_the_table_shows_each_image_with_three_classes(capsys, trained_try, test
     for line, path in zip(lines[2:], test_images, strict=False):
         assert line.startswith(str(path)) and line.count("%") == 3
     assert len(lines) == 4
+
+
+def test_a_model_of_two_classes_gets_a_table_of_two_columns():
+    top = [{"class": "cat", "probability": 0.75}, {"class": "dog", "probability": 0.25}]
+    results = [{"image": "a.png", "top": top}, {"image": "b.png", "error": "b.png: no such image"}]
+    assert format_table(results).splitlines() == ["image   top 1        top 2", "a.png   cat  75.0%   dog  25.0%"]
 
 
 def save(image, path, **options):

@@ -33,6 +33,12 @@ def test_schedule_warms_up_then_decays_linearly():
     assert lrs[0] == pytest.approx(0.5 * 0.2) and lrs[25] == pytest.approx(0.5) and lrs[99] == pytest.approx(0.5 * 0.1)
 
 
+def test_a_warm_up_shorter_than_a_step_still_starts_at_lr_start():
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5)
+    schedule = LrSchedule(optimizer, sgd_config(warmup=0.05, lr_start=0.2, lr_end=0.0), total_steps=10)
+    assert [schedule.factor(step) for step in (0, 1, 9)] == pytest.approx([0.2, 1.0, 0.0])  # 0.5 of a step: one
+
+
 def test_the_default_schedule_leaves_the_lr_alone():
     optimizer = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=0.001)
     schedule = LrSchedule(optimizer, DEFAULTS, total_steps=10)

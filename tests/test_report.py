@@ -1,6 +1,7 @@
 """The report stage: the post's figures, one set per try, from the checkpoints' histories, and what each try
 gets wrong: accuracy per class and its most confident mistakes."""
 
+import math
 import zlib
 
 import matplotlib.pyplot as plt
@@ -131,7 +132,25 @@ def test_the_epoch_axes_tick_whole_epochs_only(monkeypatch, epochs):
 def test_accuracy_per_class_counts_each_classs_own_images():
     probabilities = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.6, 0.4, 0.0], [0.3, 0.3, 0.4], [0.5, 0.5, 0.0]])
     labels = torch.tensor([0, 1, 1, 1, 0])  # class 0: 2 of 2 right (a tie goes to the first); class 1: 1 of 3
-    assert class_accuracy(probabilities, labels, 3).tolist() == pytest.approx([100.0, 100 / 3, 0.0])
+    # class 2 has no images: not a class it gets all wrong
+    assert class_accuracy(probabilities, labels, 3).tolist() == pytest.approx([100.0, 100 / 3, math.nan], nan_ok=True)
+
+
+def test_a_small_data_set_without_some_classes_is_reported_as_such(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    images = torch.zeros((6, 3, 32, 32), dtype=torch.uint8)
+    split = Split(images, torch.tensor([0, 1, 2, 0, 1, 2]))  # 6 images (the grid shows 20), classes 3-9 absent
+    write_checkpoint("lenet", 2, test_count=6)
+    drawn = {}
+    monkeypatch.setattr("stages.report.save", lambda fig, path: drawn.update({path.name: fig}))
+    report(["lenet"], Dataset(split, split, CLASSES), tmp_path / "plots" / "report")
+    assert len(drawn["samples.png"].axes) == 6
+    ax = drawn["accuracy_by_class.png"].axes[0]
+    labels = [tick.get_text() for tick in ax.get_xticklabels()]
+    assert labels == CLASSES[:3] + [f"{c}\n(no images)" for c in CLASSES[3:]]
+    assert [math.isnan(bar.get_height()) for bar in ax.containers[0]] == [False] * 3 + [True] * 7
+    assert "class3 n/a" in capsys.readouterr().out
+    plt.close("all")
 
 
 def test_confident_mistakes_are_the_wrong_answers_most_confident_first():
