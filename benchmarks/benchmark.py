@@ -2,7 +2,7 @@
 
 For each try in params.yaml, in this one process and alternating round by round,
 on the same images, with the same model, batch size and transforms:
-  - pipeline: stages.train's train_one_epoch + evaluate (uint8 tensors in memory,
+  - pipeline: stages.loop's train_one_epoch + evaluate (uint8 tensors in memory,
     batched augmentation, channels_last);
   - post: benchmarks/post_loop.py, the post's code: torchvision DataLoader over PIL
     images (ToTensor, Normalize and, for augmented tries, the post's transform chain),
@@ -15,8 +15,8 @@ Prints, per try, training images per second of whole epochs (training plus evalu
 for both loops and their ratio (medians over rounds), and the pipeline's training time
 per batch against the floor's: slice by slice of the training images, the pipeline's
 training between two floor runs, "over floor" comparing their totals over all rounds.
-The process keeps freed memory as stages.train does, and on CUDA trains with its deterministic
-float32 kernels (stages.train.pick_device sets them), or with bfloat16 autocast where the try's amp
+The process keeps freed memory as the train stage does, and on CUDA trains with its deterministic
+float32 kernels (stages.loop.pick_device sets them), or with bfloat16 autocast where the try's amp
 is on (train.amp: true in params.yaml).
 
     python -m benchmarks.benchmark                         # synthetic images
@@ -37,14 +37,9 @@ from benchmarks.post_loop import POST_MODELS, post_epoch, post_loaders
 from stages.data import Split, read_archive_batches
 from stages.download import read_members
 from stages.errors import PipelineError, exits_cleanly
-from stages.models import build_model_for
-from stages.params import PARAMS_FILE, load_params, resolve_try
-from stages.recipe import build_optimizer
-from stages.train import (
-    build_augmentation,
+from stages.loop import (
     build_updates,
     evaluate,
-    fit_first_layer,
     keep_freed_memory,
     mixed_precision,
     normalise,
@@ -52,6 +47,10 @@ from stages.train import (
     pick_device,
     train_one_epoch,
 )
+from stages.models import build_model_for
+from stages.params import PARAMS_FILE, load_params, resolve_try
+from stages.recipe import build_optimizer
+from stages.train import build_augmentation, fit_first_layer
 
 SLICE_BATCHES = 20  # batches per slice when the pipeline's training is compared with its floor
 
@@ -89,24 +88,27 @@ def fresh_model(config, train_split, device, rounds=1):
 
 
 def fresh_post_model(config, device):
-    """The post's network as written and its optimizer, Adam(lr), in NCHW; for the 4th try, the pipeline's."""
+    """The post's network as written, in NCHW, and its optimizer, Adam(lr), where the try keeps the post's;
+    for the 4th try, the pipeline's network and optimizer."""
     torch.manual_seed(config["seed"])
     if config["model"] not in POST_MODELS:
         model = build_model_for(config).to(device)
         return model, build_optimizer(config, model)
     model = POST_MODELS[config["model"]]().to(device)
+    if config["optimizer"] != "adam" or config["muon_lr"] > 0:  # another optimizer costs another step
+        return model, build_optimizer(config, model)
     return model, torch.optim.Adam(model.parameters(), lr=config["lr"])
 
 
 def pipeline_epoch(config, model, updates, split, generator, augment):
-    """stages.train's training epoch with every ingredient of the try's recipe, amp included."""
+    """stages.loop's training epoch with every ingredient of the try's recipe, amp included."""
     train_one_epoch(model, updates, split, config["batch_size"], generator, augment, config["amp"],
                     config["label_smoothing"])  # fmt: skip
 
 
 def measure_try(config, recipe, train, test, device, rounds):
     """Seconds per whole epoch for pipeline and post; per training batch for pipeline and floor."""
-    # As stages.train lays them out: channels_last unless augmentation reads them first.
+    # As the train stage lays them out: channels_last unless augmentation reads them first.
     augmented = build_augmentation(config, recipe, torch.Generator(), len(train.labels)) is not None
     train_split = on_device(train, device, channels_last=not augmented)
     test_split = on_device(test, device, channels_last=True)

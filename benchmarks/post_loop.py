@@ -4,7 +4,9 @@ The benchmark times this against the pipeline. Only what the post does goes here
 bugs that cost no time included (no model.eval(), loss and accuracy summed over batches).
 For a try the post does not have (the 4th), the same loop stands for what a user would
 otherwise write: torchvision's RandomHorizontalFlip and RandomCrop(32, padding, reflect)
-in a DataLoader (`plain_transforms`), feeding the pipeline's own model.
+in a DataLoader (`training_transforms`), feeding the pipeline's own model and optimizer.
+A try of the post's models that asks for more than the post (flip, translate, another
+optimizer) gets it the same way, so that both loops do the same work.
 """
 
 import torch
@@ -63,37 +65,38 @@ class PostDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[index])), self.labels[index]
 
 
-def post_transforms(recipe, augment):
-    chain = [transforms.Resize((32, 32))]
-    if augment:
-        chain += [
-            transforms.RandomHorizontalFlip(recipe["flip_p"]),
-            transforms.RandomRotation(recipe["rotation"]),
-            transforms.RandomAffine(0, shear=recipe["shear"], scale=tuple(recipe["scale"])),
-            transforms.ColorJitter(recipe["brightness"], recipe["contrast"], recipe["saturation"]),
-        ]
-    return transforms.Compose([*chain, transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
+TO_INPUT = [transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)]
 
 
-def plain_transforms(config):
-    """torchvision's flip and padded random crop, as the try's flip and translate keys ask."""
-    chain = [transforms.RandomHorizontalFlip()] if config["flip"] else []
+def post_augmentation(recipe):
+    return [
+        transforms.RandomHorizontalFlip(recipe["flip_p"]),
+        transforms.RandomRotation(recipe["rotation"]),
+        transforms.RandomAffine(0, shear=recipe["shear"], scale=tuple(recipe["scale"])),
+        transforms.ColorJitter(recipe["brightness"], recipe["contrast"], recipe["saturation"]),
+    ]
+
+
+def training_transforms(recipe, config):
+    """torchvision's transforms for the try's training images, in the pipeline's order: the post's Resize (for its
+    models), the post's augmentation where the try augments, then a flip and a padded random crop where the try's
+    flip and translate ask for them."""
+    chain = [transforms.Resize((32, 32))] if config["model"] in POST_MODELS else []
+    if config["augment"]:
+        chain += post_augmentation(recipe)
+    if config["flip"]:
+        chain.append(transforms.RandomHorizontalFlip())
     if config["translate"]:
         chain.append(transforms.RandomCrop(32, padding=config["translate"], padding_mode="reflect"))
-    return transforms.Compose([*chain, transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
+    return transforms.Compose([*chain, *TO_INPUT])
 
 
 def post_loaders(train, test, recipe, config):
-    """The post's DataLoaders: shuffled training images, augmented when the try augments.
-
-    A try whose model the post does not have gets plain_transforms for training instead.
-    """
+    """The post's DataLoaders: shuffled training images through training_transforms, test images as the post
+    reads them (resized and normalised)."""
     batch_size = config["batch_size"]
-    if config["model"] in POST_MODELS:
-        train_set = PostDataset(train, post_transforms(recipe, config["augment"]))
-    else:
-        train_set = PostDataset(train, plain_transforms(config))
-    test_set = PostDataset(test, post_transforms(recipe, augment=False))
+    train_set = PostDataset(train, training_transforms(recipe, config))
+    test_set = PostDataset(test, transforms.Compose([transforms.Resize((32, 32)), *TO_INPUT]))
     return (
         torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True),
         torch.utils.data.DataLoader(test_set, batch_size=batch_size, shuffle=False),

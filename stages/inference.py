@@ -23,9 +23,9 @@ import torch
 from torch.nn import functional as F
 
 from stages.errors import FILE_ERRORS, PipelineError, file_problem
+from stages.loop import EVAL_BATCH, normalise
 from stages.models import MODELS, build_model_for
 from stages.recipe import predict
-from stages.train import EVAL_BATCH, normalise
 
 CHECKPOINT_KEYS = ("state_dict", "config", "classes", "history")
 # The pickle opcodes that import or call: what a file that would run code needs.

@@ -1,4 +1,4 @@
-"""The training recipe's ingredients, each a small piece that the loop in stages/train.py calls.
+"""The training recipe's ingredients, each a small piece that the loop in stages/loop.py calls.
 
 Every ingredient has a key in params.yaml's `train` section whose default leaves it out, so the
 post's tries train exactly as they always did:

@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from benchmarks.benchmark import parse_args
-from stages.params import PARAMS_FILE
+from benchmarks.post_loop import training_transforms
+from stages.params import PARAMS_FILE, load_params
 from tests.conftest import ROOT, run
 
 ROW = re.compile(r"^(\w+) +(\d+) +(\d+) +([\d.]+)x +([\d.]+) +([\d.]+) +([+-][\d.]+)%$")
@@ -39,3 +40,27 @@ def test_a_bad_argument_is_named_before_any_work(capsys, args, message):
         parse_args(args, ROOT / PARAMS_FILE)
     assert exited.value.code == 2
     assert f"error: {message}" in capsys.readouterr().err
+
+
+POST_AUGMENTATION = ["RandomHorizontalFlip", "RandomRotation", "RandomAffine", "ColorJitter"]
+
+
+def transform_names(config):
+    recipe = load_params(ROOT / PARAMS_FILE)["augment"]
+    return [type(t).__name__ for t in training_transforms(recipe, config).transforms]
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"model": "lenet2"}, ["Resize"]),  # the 2nd try: the post's loop as written
+        ({"model": "lenet2", "augment": True}, ["Resize", *POST_AUGMENTATION]),  # the 3rd
+        ({"model": "airbench", "flip": "alternate", "translate": 2}, ["RandomHorizontalFlip", "RandomCrop"]),  # 4th
+        # Tries of one's own: the post's loop does what the pipeline does for them, in its order.
+        ({"model": "lenet2", "flip": True, "translate": 2}, ["Resize", "RandomHorizontalFlip", "RandomCrop"]),
+        ({"model": "airbench", "augment": True}, POST_AUGMENTATION),  # the ladder's 2nd rung
+    ],
+)
+def test_the_posts_loop_transforms_what_the_pipeline_augments(changes, expected):
+    config = {**load_params(ROOT / PARAMS_FILE)["train"], **changes}
+    assert transform_names(config) == [*expected, "ToTensor", "Normalize"]

@@ -21,6 +21,7 @@ from stages import train as train_stage
 from stages.data import ArchiveError, load_dataset
 from stages.download import DownloadError, download
 from stages.errors import PipelineError
+from stages.loop import NonFiniteLoss, pick_device
 from stages.params import load_params, resolve_try
 from tests.cifar_archive import TOP, batch_files
 from tests.conftest import ROOT, dvc, edit_params, outputs_in, run, tool_env
@@ -275,8 +276,9 @@ OUT_OF_MEMORY = [
 ]  # fmt: skip
 
 
-def lenet_whose_epoch_raises(error, tmp_path, monkeypatch, downloaded):
-    """(a call that trains try lenet on downloaded's images, its outputs); the training epoch raises error."""
+def lenet_whose_epoch_raises(error, tmp_path, monkeypatch, downloaded, **changes):
+    """(a call that trains try lenet, with changes to its config, on downloaded's images, its outputs); the
+    training epoch raises error."""
 
     def raising(*args, **kwargs):
         raise error
@@ -285,7 +287,7 @@ def lenet_whose_epoch_raises(error, tmp_path, monkeypatch, downloaded):
     params = load_params(downloaded / "params.yaml")
     outputs = outputs_in(tmp_path, "lenet")
     dataset = load_dataset(downloaded / "data" / "cifar10")
-    config = resolve_try(params, "lenet")
+    config = {**resolve_try(params, "lenet"), **changes}
     return lambda: train_stage.train(config, params["augment"], dataset, outputs, "lenet"), outputs
 
 
@@ -301,8 +303,36 @@ def test_running_out_of_gpu_memory_says_so_and_suggests_a_smaller_batch(tmp_path
 def test_a_device_the_machine_lacks_is_named_with_where_to_change_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(PipelineError, match=re.escape("device 'cuda' is not available on this machine; set device")):
-        train_stage.pick_device("cuda")
-    assert train_stage.pick_device("auto").type in ("mps", "cpu")
+        pick_device("cuda")
+    assert pick_device("auto").type in ("mps", "cpu")
+
+
+def test_a_diverging_try_with_muon_names_both_of_its_learning_rates(tmp_path, monkeypatch, downloaded):
+    diverged = NonFiniteLoss(batch=7, value=float("inf"))
+    train_lenet, outputs = lenet_whose_epoch_raises(diverged, tmp_path, monkeypatch, downloaded, muon_lr=0.5)
+    with pytest.raises(PipelineError) as raised:
+        train_lenet()
+    assert "the training loss became inf at epoch 1, batch 7, with lr 0.001 and muon_lr 0.5;" in str(raised.value)
+    assert "Lower its lr or muon_lr (tries.lenet.lr, tries.lenet.muon_lr, or train.lr / train.muon_lr" in str(
+        raised.value
+    )
+    assert not any(path.exists() for path in outputs)
+
+
+def test_a_run_outside_dvc_leaves_no_earlier_metrics_beside_its_new_model(tmp_path, monkeypatch, downloaded):
+    params = load_params(downloaded / "params.yaml")
+    outputs = outputs_in(tmp_path, "lenet")
+    outputs.metrics.parent.mkdir(parents=True)
+    outputs.metrics.write_text('{"val": {"acc": 99.0}}\n')  # an earlier run's, complete
+
+    def disk_full(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train_stage, "write_csv", disk_full)  # after the model, before the metrics
+    config = {**resolve_try(params, "lenet"), "epochs": 1}
+    with pytest.raises(OSError, match="disk full"):
+        train_stage.train(config, None, load_dataset(downloaded / "data" / "cifar10"), outputs, "lenet")
+    assert outputs.model.exists() and not outputs.metrics.exists()  # the model is this run's: no metrics vouch for it
 
 
 def test_another_runtime_error_in_training_is_not_taken_for_running_out_of_memory(tmp_path, monkeypatch, downloaded):

@@ -11,8 +11,8 @@ from PIL import Image
 from torch.nn import functional as F
 
 from stages.inference import CheckpointError, load_checkpoint, predict_probabilities
+from stages.loop import normalise
 from stages.models import MODELS, build_model
-from stages.train import normalise
 from tests.cifar_archive import CLASSES
 
 

@@ -9,10 +9,11 @@ import torch
 
 from stages import inference
 from stages import train as train_module
+from stages.loop import evaluate, normalise
 from stages.models import build_model
 from stages.params import load_params, resolve_try
 from stages.recipe import LrSchedule
-from stages.train import FIT_IMAGES, evaluate, normalise, train
+from stages.train import FIT_IMAGES, train
 from tests.conftest import ROOT, outputs_in, same_weights
 
 PARAMS = load_params(ROOT / "params.yaml")

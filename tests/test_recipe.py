@@ -7,10 +7,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from stages.data import Split
+from stages.loop import Updates, build_updates, evaluate, normalise, train_one_epoch
 from stages.models import build_model
 from stages.params import TRAIN_SCHEMA, load_params
 from stages.recipe import Lookahead, LrSchedule, Muon, build_optimizer, orthogonalise, predict
-from stages.train import Updates, build_augmentation, build_updates, evaluate, normalise, train_one_epoch
+from stages.train import build_augmentation
 from tests.conftest import ROOT
 
 DEFAULTS = load_params(ROOT / "params.yaml")["train"]

@@ -11,25 +11,22 @@ from PIL import Image
 from torch.nn import functional as F
 from torchvision import transforms
 
-from stages import train as train_module
+from stages import loop as loop_module
 from stages.data import Split
 from stages.inference import load_checkpoint
-from stages.models import build_model
-from stages.params import load_params, resolve_try
-from stages.train import (
+from stages.loop import (
     NonFiniteLoss,
     Updates,
     evaluate,
-    fit_first_layer,
-    freeze_whitening_bias,
     keep_freed_memory,
     normalise,
     raise_if_not_finite,
-    summarise,
     take,
-    train,
     train_one_epoch,
 )
+from stages.models import build_model
+from stages.params import load_params, resolve_try
+from stages.train import fit_first_layer, freeze_whitening_bias, summarise, train
 from tests.conftest import DEVICES, GPUS, ON_CPU, ROOT, SMALL_DATA_TRIES, outputs_in, same_weights, without_time
 
 QUICK = {"epochs": 2, "batch_size": 64, **ON_CPU}  # 64 does not divide 1,000: the last batch is partial
@@ -100,7 +97,7 @@ def test_same_seed_gives_identical_results_and_another_seed_does_not(tmp_path, p
 
 def test_preparing_batches_ahead_changes_nothing(tmp_path, params, dataset, monkeypatch):
     ahead, ahead_out = run_try(params, dataset, tmp_path / "ahead", "lenet2_aug")  # 16 batches: 10, then 6
-    monkeypatch.setattr(train_module, "AHEAD", 1)
+    monkeypatch.setattr(loop_module, "AHEAD", 1)
     one_by_one, one_by_one_out = run_try(params, dataset, tmp_path / "one", "lenet2_aug")
     assert without_time(ahead) == without_time(one_by_one) and same_weights(ahead_out, one_by_one_out)
 
@@ -132,7 +129,7 @@ class FirstPixels(torch.nn.Module):
 
 def test_evaluations_loss_does_not_depend_on_how_images_are_batched(dataset, monkeypatch):
     whole = evaluate(FirstPixels(), dataset.test)  # 300 images: one batch
-    monkeypatch.setattr(train_module, "EVAL_BATCH", 1)  # summed batch by batch, the total would differ here
+    monkeypatch.setattr(loop_module, "EVAL_BATCH", 1)  # summed batch by batch, the total would differ here
     pieces = evaluate(FirstPixels(), dataset.test)
     assert whole["loss"] == pieces["loss"] and torch.equal(whole["predictions"], pieces["predictions"])
 
@@ -202,7 +199,7 @@ class NanFrom(torch.nn.Module):
 
 
 def test_training_names_the_first_batch_whose_loss_is_not_finite(dataset, monkeypatch):
-    monkeypatch.setattr(train_module, "CHECK_EVERY", 3)  # 7 batches: looks after 3, 6 and 7
+    monkeypatch.setattr(loop_module, "CHECK_EVERY", 3)  # 7 batches: looks after 3, 6 and 7
     model = NanFrom(batch=5)
     updates = Updates(torch.optim.SGD(model.parameters(), lr=0.01))  # torch 2.1's SGD has no default lr
     with pytest.raises(NonFiniteLoss) as raised:
@@ -239,7 +236,7 @@ def test_freed_memory_is_kept_by_raising_glibcs_mmap_and_trim_thresholds(monkeyp
             calls.append((parameter, value))
             return 1  # glibc's "done"
 
-    monkeypatch.setattr(train_module.ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(loop_module.ctypes, "CDLL", lambda name: FakeLibc())
     assert keep_freed_memory()
     # M_MMAP_THRESHOLD (-3) to its 32 MiB maximum; M_TRIM_THRESHOLD (-1) to 1 GiB.
     assert calls == [(-3, 32 * 2**20), (-1, 2**30)]
