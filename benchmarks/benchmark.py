@@ -209,7 +209,7 @@ def main(argv=None):
     print(f"machine: {platform.processor() or platform.machine()}, {describe(device)}, torch {torch.__version__}")
     source = f"images from {Path(args.archive).name}" if args.archive else "random images"
     print(f"data: {source}, {len(train.labels)} training + {len(test.labels)} test per epoch, "
-          f"median of {args.rounds} rounds")  # fmt: skip
+          f"median of {args.rounds} round{'s' * (args.rounds != 1)}")  # fmt: skip
     print(f"{'try':<12}{'pipeline img/s':>16}{'post img/s':>12}{'speed-up':>10}"
           f"{'pipeline ms/batch':>19}{'floor ms/batch':>16}{'over floor':>12}")  # fmt: skip
     for name in args.tries or params["tries"]:

@@ -106,11 +106,21 @@ def overrides(index, seed):
 
 
 def queue(rungs, seeds):
+    """Queues each rung and seed; one that DVC already has under its name is skipped (a second `queue`
+    after a partial run queues only what is missing). Returns the exit status."""
     for index in rungs:
         for seed in seeds:
             name = experiment_name(index, seed)
-            subprocess.run(["dvc", "exp", "run", "--queue", "-n", name, *overrides(index, seed)], check=True)
-            print(f"queued {name}")
+            command = ["dvc", "exp", "run", "--queue", "-n", name, *overrides(index, seed)]
+            queued = subprocess.run(command, capture_output=True, text=True)
+            if queued.returncode == 0:
+                print(f"queued {name}")
+            elif "conflicts with existing experiment" in queued.stderr + queued.stdout:
+                print(f"skipped {name}: DVC has an experiment of that name (`dvc exp remove {name}` to queue it again)")
+            else:
+                print(f"could not queue {name}: {(queued.stderr or queued.stdout).strip()}", file=sys.stderr)
+                return 1
+    return 0
 
 
 def read_experiments(shown):
@@ -158,26 +168,35 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def table(seeds):
-    shown = subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout
+def table(seeds, all_commits=False):
+    """Prints the table of the experiments based on the current commit, or on any commit (all_commits)."""
+    command = ["dvc", "exp", "show", "--json", *(["--all-commits"] if all_commits else [])]
+    shown = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     rows = ladder_rows(read_experiments(json.loads(shown)), seeds)
     if not rows:
-        print(f"no rung has all of seeds {list(seeds)} finished yet; see `dvc queue status`", file=sys.stderr)
+        where = "any commit" if all_commits else "this commit (--all-commits looks at every commit's)"
+        print(
+            f"no rung has all of seeds {list(seeds)} finished among the experiments of {where}; see "
+            "`dvc queue status`, and --seeds for the seeds you ran",
+            file=sys.stderr,
+        )
         return 1
     print(format_table(rows))
     return 0
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["queue", "table"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
-    parser.add_argument("--rungs", type=int, nargs="+", default=list(range(len(RUNGS))), choices=range(len(RUNGS)))
+    parser = argparse.ArgumentParser(prog="python -m experiments.ladder", description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["queue", "table"], help="queue the rungs' experiments, or tabulate them")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="seeds per rung (default: 0 1 2)")
+    parser.add_argument("--rungs", type=int, nargs="+", default=list(range(len(RUNGS))), choices=range(len(RUNGS)),
+                        help="rungs to queue (default: all)")  # fmt: skip
+    parser.add_argument("--all-commits", action="store_true",
+                        help="table: read the experiments of every commit, not only the current one's")  # fmt: skip
     args = parser.parse_args(argv)
     if args.action == "queue":
-        queue(args.rungs, args.seeds)
-        return 0
-    return table(args.seeds)
+        return queue(args.rungs, args.seeds)
+    return table(args.seeds, args.all_commits)
 
 
 if __name__ == "__main__":

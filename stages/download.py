@@ -73,16 +73,30 @@ def local_copy(url, scratch_dir):
     if parsed.scheme == "file":
         path = Path(url2pathname(parsed.path))
     elif parsed.scheme == "" or len(parsed.scheme) == 1:  # a plain path, or a Windows drive letter
-        path = Path(url)
+        path = Path(url).expanduser()
     else:
         raise DownloadError(
             f"data.url {url!r}: unsupported scheme {parsed.scheme!r}; use http(s)://, file:// or a local path"
         )
-    if not path.is_file():
-        raise DownloadError(
-            f"data.url {url!r}: no such file {path}; point data.url at a copy of cifar-10-python.tar.gz"
-        )
+    check_local_archive(url, path)
     yield path
+
+
+def check_local_archive(url, path):
+    if path.is_dir():
+        raise DownloadError(f"data.url {url!r}: {path} is a folder; point data.url at the archive file in it")
+    if not path.is_file():
+        # A queued experiment runs in a copy of the workspace (.dvc/tmp/exps/...), where a relative path
+        # that works in the workspace leads nowhere.
+        relative = (
+            ""
+            if path.is_absolute()
+            else "; a queued experiment runs in a copy of the workspace, so use an absolute path"
+        )
+        raise DownloadError(
+            f"data.url {url!r}: no such file {path.absolute()}; point data.url at a copy of "
+            f"cifar-10-python.tar.gz{relative}"
+        )
 
 
 class TransientError(Exception):

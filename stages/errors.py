@@ -17,7 +17,8 @@ class ParamsError(PipelineError):
     def __init__(self, problems, source="params.yaml"):
         self.problems = list(problems)
         lines = "\n".join(f"  - {problem}" for problem in self.problems)
-        super().__init__(f"{source} is invalid ({len(self.problems)} problem(s)); fix these and rerun:\n{lines}")
+        count, them = (f"{len(self.problems)} problems", "these") if len(self.problems) != 1 else ("1 problem", "it")
+        super().__init__(f"{source} is invalid ({count}); fix {them} and rerun:\n{lines}")
 
 
 FILE_ERRORS = (FileNotFoundError, IsADirectoryError, PermissionError)  # opening a path that is no readable file

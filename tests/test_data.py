@@ -2,6 +2,7 @@
 
 import hashlib
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -66,6 +67,18 @@ def test_unreachable_sources_say_what_to_fix(tmp_path, url, expected):
     with pytest.raises(DownloadError, match=expected):
         download(url, "0" * 32, out)
     assert not out.exists()
+
+
+def test_local_paths_are_expanded_and_a_wrong_one_says_why(tmp_path, small_archive, monkeypatch):
+    path, md5 = small_archive
+    monkeypatch.setenv("HOME", str(path.parent))
+    download(f"~/{path.name}", md5, tmp_path / "data" / "cifar10")  # as the shell would expand it
+    with pytest.raises(DownloadError, match=f"{path.parent} is a folder; point data.url at the archive file in it"):
+        download(str(path.parent), md5, tmp_path / "data" / "cifar10")
+    monkeypatch.chdir(tmp_path)
+    absolute = re.escape(str(tmp_path / "copies" / "c.tar.gz"))
+    with pytest.raises(DownloadError, match=f"no such file {absolute}; .* a queued experiment runs in a copy"):
+        download("copies/c.tar.gz", md5, tmp_path / "data" / "cifar10")
 
 
 def test_a_missing_file_on_the_server_reports_the_http_status(tmp_path, http_server):

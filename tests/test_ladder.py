@@ -14,7 +14,7 @@ from experiments.ladder import (
 )
 from stages.models import build_model, count_parameters
 from stages.params import load_params, resolve_try
-from tests.conftest import ROOT, TRAINING_STAGES, dvc, exp_show, make_project, tool_env
+from tests.conftest import ROOT, TRAINING_STAGES, dvc, exp_show, make_project, run, tool_env
 
 PARAMS = load_params(ROOT / "params.yaml")
 
@@ -86,3 +86,12 @@ def test_the_ladder_queues_rungs_that_the_real_dvc_runs_and_tabulates(tmp_path, 
     assert ladder.main(["table", "--seeds", "0"]) == 0
     table = capsys.readouterr().out
     assert "| 0 | the 3rd try" in table and "| 2 | + airbench's net" in table
+    # Queued again after a partial run, what DVC has is skipped and the rest queued.
+    assert ladder.main(["queue", "--rungs", "0", "--seeds", "0"]) == 0
+    assert capsys.readouterr().out == f"skipped {experiment_name(0, 0)}: DVC has an experiment of that name " \
+        f"(`dvc exp remove {experiment_name(0, 0)}` to queue it again)\n"  # fmt: skip
+    # A commit made while the ladder runs leaves its experiments on the commit before.
+    run(["git", "commit", "-q", "--allow-empty", "-m", "Meanwhile"], cwd=project)
+    assert ladder.main(["table", "--seeds", "0"]) == 1 and "--all-commits" in capsys.readouterr().err
+    assert ladder.main(["table", "--seeds", "0", "--all-commits"]) == 0
+    assert "| 2 | + airbench's net" in capsys.readouterr().out

@@ -177,7 +177,7 @@ def test_all_problems_come_in_one_message(tmp_path, params):
     with pytest.raises(ParamsError) as raised:
         load_params(path)
     message = str(raised.value)
-    assert "3 problem(s)" in message
+    assert "is invalid (3 problems); fix these and rerun" in message
     assert all(key in message for key in ("tries.lenet.epoch", "train.lr", "tries.lenet2.model"))
 
 
