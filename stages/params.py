@@ -242,7 +242,15 @@ def check_tries(tries):
                 "and starts with a letter, digit or '_'"
             )
         problems += check_mapping(f"tries.{name}", settings, TRY_SCHEMA, required=("model",), inherits=True)
+        if isinstance(settings, dict) and "model" not in settings:
+            problems[-1] += misspelt_try_hint(name, tries)
     return problems
+
+
+def misspelt_try_hint(name, tries):
+    """For a try without a model: `-S ++tries.lent.lr=...` makes a new try where tries.lenet was meant."""
+    close = difflib.get_close_matches(str(name), [str(other) for other in tries if other != name], n=1)
+    return f" (did you mean tries.{close[0]}? a new try needs its model)" if close else ""
 
 
 def check_mapping(where, mapping, schema, required=(), inherits=False):

@@ -73,7 +73,7 @@ def with_notes(label, notes):
 def draw_curves(name, history, path, conditions=None):
     conditions = conditions or Conditions()
     epochs = [row["epoch"] for row in history]
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(12, 5.2))
     for ax, metric, label in ((loss_ax, "loss", "cross-entropy loss"), (acc_ax, "acc", "accuracy (%)")):
         notes = conditions.training + (conditions.loss_only if metric == "loss" else ())
         ax.plot(epochs, [row[f"train_{metric}"] for row in history], marker="o", label=with_notes("training", notes))
@@ -85,13 +85,13 @@ def draw_curves(name, history, path, conditions=None):
         ax.set(xlabel="epoch", ylabel=label, title=f"{name}: {label}")
         tick_whole_epochs(ax)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False)  # below: it never hides a line
     save(fig, path)
 
 
 def draw_comparison(histories, path, final_views=None):
     """Every try's validation accuracy per epoch; final_views: try -> its tta, said beside its final accuracy."""
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     for name, history in histories.items():
         views = (final_views or {}).get(name, "none")
         note = f", with {TTA_WORDS[views]}" if views != "none" else ""
@@ -104,7 +104,7 @@ def draw_comparison(histories, path, final_views=None):
     ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy per epoch, by try")
     tick_whole_epochs(ax)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: it never hides a line
     save(fig, path)
 
 

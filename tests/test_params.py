@@ -97,6 +97,11 @@ def test_an_unknown_try_is_named():
         (lambda p: p["tries"].update({"-x": {"model": "lenet"}}), "and starts with a letter, digit or '_'"),
         (lambda p: p["tries"].update({"x2\n": {"model": "lenet"}}), "a try name may hold only"),  # a file name
         (lambda p: p.update(tries={}), "tries: expected a non-empty mapping"),
+        (  # -S '++tries.lent.lr=0.002', where tries.lenet was meant
+            lambda p: p["tries"].update(lent={"lr": 0.002}),
+            "tries.lent.model: missing; expected one of 'lenet', 'lenet2', 'lenet2_bn', 'airbench' (did you mean "
+            "tries.lenet? a new try needs its model)",
+        ),
         (lambda p: p["train"].update(nesterov="yes"), "train.nesterov: got 'yes'; expected true or false"),
         (lambda p: p["train"].update(norm_bias_lr=0), "train.norm_bias_lr: got 0; expected a number > 0"),
         (lambda p: p["train"].update(muon_lr=-0.1), "train.muon_lr: got -0.1; expected a number >= 0"),
