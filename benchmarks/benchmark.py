@@ -95,7 +95,7 @@ def fresh_post_model(config, device):
         model = build_model_for(config).to(device)
         return model, build_optimizer(config, model)
     model = POST_MODELS[config["model"]]().to(device)
-    if config["optimizer"] != "adam" or config["muon_lr"] > 0:  # another optimizer costs another step
+    if config["optimizer"] != "adam" or config["muon_lr"] > 0 or config["weight_decay"] > 0:  # another step's cost
         return model, build_optimizer(config, model)
     return model, torch.optim.Adam(model.parameters(), lr=config["lr"])
 

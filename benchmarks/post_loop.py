@@ -6,7 +6,9 @@ For a try the post does not have (the 4th), the same loop stands for what a user
 otherwise write: torchvision's RandomHorizontalFlip and RandomCrop(32, padding, reflect)
 in a DataLoader (`training_transforms`), feeding the pipeline's own model and optimizer.
 A try of the post's models that asks for more than the post (flip, translate, another
-optimizer) gets it the same way, so that both loops do the same work.
+optimizer or a weight decay) gets it the same way, so that both loops augment and step
+alike; the post's loop still leaves out lr schedules, weight averaging and label
+smoothing, a few small operations a step.
 """
 
 import torch

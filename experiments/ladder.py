@@ -15,6 +15,7 @@ import json
 import statistics
 import subprocess
 import sys
+from collections import Counter
 
 TRY = "airbench"
 PREFIX = "ladder"
@@ -106,21 +107,41 @@ def overrides(index, seed):
 
 
 def queue(rungs, seeds):
-    """Queues each rung and seed; one that DVC already has under its name is skipped (a second `queue`
-    after a partial run queues only what is missing). Returns the exit status."""
+    """Queues each rung and seed, but for those that DVC has queued, running or finished on this commit
+    (a second `queue` after a partial run queues only what is missing). Returns the exit status."""
+    known = experiment_states(json.loads(exp_show_json()))
     for index in rungs:
         for seed in seeds:
             name = experiment_name(index, seed)
+            if known.get(name, "failed") != "failed":
+                print(f"skipped {name}: {known[name]} in DVC's experiments (`dvc exp remove {name}` to queue it again)")
+                continue
             command = ["dvc", "exp", "run", "--queue", "-n", name, *overrides(index, seed)]
             queued = subprocess.run(command, capture_output=True, text=True)
-            if queued.returncode == 0:
-                print(f"queued {name}")
-            elif "conflicts with existing experiment" in queued.stderr + queued.stdout:
-                print(f"skipped {name}: DVC has an experiment of that name (`dvc exp remove {name}` to queue it again)")
-            else:
+            if queued.returncode != 0:
                 print(f"could not queue {name}: {(queued.stderr or queued.stdout).strip()}", file=sys.stderr)
                 return 1
+            print(f"queued {name}")
     return 0
+
+
+def exp_show_json(all_commits=False):
+    command = ["dvc", "exp", "show", "--json", *(["--all-commits"] if all_commits else [])]
+    return subprocess.run(command, check=True, capture_output=True, text=True).stdout
+
+
+def experiment_states(shown):
+    """{experiment name: queued, running, failed or finished} from `dvc exp show --json` output."""
+    words = {None: "finished", "success": "finished"}  # an experiment run in the workspace has no executor
+    return {
+        experiment["name"]: words.get(state, state)
+        for experiment in shown_experiments(shown)
+        for state in [(experiment.get("executor") or {}).get("state")]
+    }
+
+
+def shown_experiments(shown):
+    return [experiment for commit in shown for experiment in commit.get("experiments") or [] if experiment.get("name")]
 
 
 def read_experiments(shown):
@@ -138,7 +159,7 @@ def read_experiments(shown):
                 metrics = (rev.get("data") or {}).get("metrics") or {}
                 result = metrics.get(f"metrics/{TRY}.json", {}).get("data")
                 if rev.get("name") and result:
-                    found[rev["name"]] = result
+                    found.setdefault(rev["name"], result)  # the first listed, where commits repeat a name
     return found
 
 
@@ -170,9 +191,13 @@ def format_table(rows):
 
 def table(seeds, all_commits=False):
     """Prints the table of the experiments based on the current commit, or on any commit (all_commits)."""
-    command = ["dvc", "exp", "show", "--json", *(["--all-commits"] if all_commits else [])]
-    shown = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    rows = ladder_rows(read_experiments(json.loads(shown)), seeds)
+    shown = json.loads(exp_show_json(all_commits))
+    names = Counter(experiment["name"] for experiment in shown_experiments(shown))
+    repeated = sorted(name for name, count in names.items() if count > 1 and name.startswith(f"{PREFIX}-"))
+    if repeated:
+        print(f"on more than one commit: {', '.join(repeated)}; the table takes the first `dvc exp show` lists",
+              file=sys.stderr)  # fmt: skip
+    rows = ladder_rows(read_experiments(shown), seeds)
     if not rows:
         where = "any commit" if all_commits else "this commit (--all-commits looks at every commit's)"
         print(

@@ -117,9 +117,9 @@ def read_archive_batches(members):
     train = [read_images(unpickle_batch(members[n], n), n, len(classes)) for n in TRAIN_BATCHES]
     test = read_images(unpickle_batch(members[TEST_BATCH], TEST_BATCH), TEST_BATCH, len(classes))
     train = Split(np.concatenate([s.images for s in train]), np.concatenate([s.labels for s in train]))
-    for what, split in (("training batches", train), (TEST_BATCH, test)):
+    for what, split in (("training batches hold", train), (f"{TEST_BATCH} holds", test)):
         if len(split.labels) == 0:
-            raise ArchiveError(f"the archive's {what} hold no images; training needs some, and so does evaluation")
+            raise ArchiveError(f"the archive's {what} no images; training needs some, and so does evaluation")
     return Dataset(train, test, classes)
 
 

@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import zlib
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -146,34 +146,39 @@ def fetch_once(url, path):
         ) from None
 
 
+def disk_error(path, error):
+    return DownloadError(
+        f"could not write the download to {path.parent}: {error.strerror or error}; check that the folder "
+        "exists, can be written to and has space"
+    )
+
+
 @contextmanager
 def writing(path):
-    """Yields a function that appends bytes to path. Errors of the local disk (full, read-only) raise a
-    DownloadError that says so, where fetch_once would take any OSError for the network's."""
-
-    def fail(error):
-        return DownloadError(
-            f"could not write the download to {path.parent}: {error.strerror or error}; free some disk space, "
-            "or make the folder writable"
-        )
-
+    """Yields a function that appends bytes to path, and closes path after. The local disk's errors (full,
+    read-only; at a write, or at the close that writes the last buffered bytes) raise a DownloadError that
+    says so, where fetch_once would take any OSError for the network's."""
     try:
         out = open(path, "wb")
     except OSError as error:
-        raise fail(error) from None
-    with out:
+        raise disk_error(path, error) from None
 
-        def write(chunk):
-            try:
-                out.write(chunk)
-            except OSError as error:
-                raise fail(error) from None
-
-        yield write
+    def write(chunk):
         try:
-            out.flush()  # a full disk may only show here
+            out.write(chunk)
         except OSError as error:
-            raise fail(error) from None
+            raise disk_error(path, error) from None
+
+    try:
+        yield write
+    except BaseException:
+        with suppress(OSError):  # the error on its way out says more than a failed close
+            out.close()
+        raise
+    try:
+        out.close()
+    except OSError as error:
+        raise disk_error(path, error) from None
 
 
 def check_md5(path, expected, url):

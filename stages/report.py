@@ -11,6 +11,7 @@ try (its model, its per-epoch history, and its final evaluation's class probabil
     python -m stages.report
 """
 
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -199,8 +200,8 @@ def report(try_names, dataset, out_dir=REPORT_DIR):
         draw_comparison(histories, partial / "val_acc_by_try.png", final_views)
         draw_class_accuracy(accuracies, overall, classes, partial / "accuracy_by_class.png")
     for name, accuracy in accuracies.items():
-        shares = [f"{c} {a:.1f}%" if a == a else f"{c} n/a" for c, a in zip(classes, accuracy.tolist(), strict=True)]
-        print(f"{name}: " + ", ".join(shares))  # n/a: no test images of the class (a != a for nan)
+        shares = zip(classes, accuracy.tolist(), strict=True)  # n/a: the class has no test images
+        print(f"{name}: " + ", ".join(f"{c} n/a" if math.isnan(a) else f"{c} {a:.1f}%" for c, a in shares))
     print(f"wrote {out_dir}: {2 * len(checkpoints) + 3} figures")
 
 

@@ -133,8 +133,8 @@ def test_an_archive_without_test_or_training_images_is_refused(tmp_path, emptied
     for name in emptied:
         files[name] = py2_pickle({"data": np.zeros((0, 3072), np.uint8), "labels": []})  # as the official batches
     path, md5 = archive(tmp_path, files)
-    what = "test_batch" if emptied == ["test_batch"] else "training batches"
-    with pytest.raises(ArchiveError, match=f"the archive's {what} hold no images"):
+    what = "test_batch holds" if emptied == ["test_batch"] else "training batches hold"
+    with pytest.raises(ArchiveError, match=f"the archive's {what} no images"):
         download(str(path), md5, tmp_path / "data" / "cifar10")
     assert not (tmp_path / "data" / "cifar10").exists()
 

@@ -104,14 +104,18 @@ def test_a_client_error_is_not_retried(tmp_path, small_archive, flaky, no_backof
     assert server.requests == 1
 
 
-@pytest.mark.parametrize("where", ["a folder that does not exist", "a full disk"])
-def test_a_download_that_cannot_be_written_blames_the_disk_not_the_url(tmp_path, flaky, no_backoff, where):
-    if where == "a full disk" and not os.path.exists("/dev/full"):
+@pytest.mark.parametrize("where", ["a folder that does not exist", "a full disk", "a full disk, a small download"])
+def test_a_download_that_cannot_be_written_blames_the_disk_not_the_url(tmp_path, small_archive, no_backoff, where):
+    if "full" in where and not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full (Linux's always-full device) on this system")
     path = tmp_path / "gone" / "archive.tar.gz" if where.startswith("a folder") else download_stage.Path("/dev/full")
-    server = flaky([])
-    with pytest.raises(DownloadError, match=f"could not write the download to {path.parent}: ") as raised:
-        download_stage.fetch_http(server.url, path)
+    # A small download stays in the file's buffer until it is closed: the disk's error shows only then.
+    server = FlakyServer(b"x" * 100 if "small" in where else small_archive[0].read_bytes(), plan=[])
+    try:
+        with pytest.raises(DownloadError, match=f"could not write the download to {path.parent}: ") as raised:
+            download_stage.fetch_http(server.url, path)
+    finally:
+        server.close()
     assert "data.url" not in str(raised.value) and server.requests == 1  # not retried either
 
 

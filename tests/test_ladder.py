@@ -1,5 +1,7 @@
 """The ladder: its first rung is the 3rd try, its last the 4th, and the table reads `dvc exp show --json`."""
 
+import json
+
 import pytest
 
 from experiments import ladder
@@ -45,7 +47,7 @@ def shown_json(results):
     revs = [
         {"name": name, "data": {"metrics": {"metrics/airbench.json": {"data": data}}}} for name, data in results.items()
     ]
-    return [{"rev": "workspace"}, {"rev": "abc", "experiments": [{"revs": [rev]} for rev in revs]}]
+    return [{"rev": "workspace"}, {"rev": "abc", "experiments": [{"name": rev["name"], "revs": [rev]} for rev in revs]}]
 
 
 def test_the_table_shows_mean_and_std_of_rungs_whose_seeds_all_finished():
@@ -67,6 +69,16 @@ def test_the_table_shows_mean_and_std_of_rungs_whose_seeds_all_finished():
     assert "| 0 | the 3rd try" in table and "| 72.00 ± 1.00 | 71.00, 72.00, 73.00 | 100 |" in table
 
 
+def test_a_name_on_two_commits_is_named_and_the_first_listed_taken(monkeypatch, capsys):
+    name = experiment_name(0, 0)
+    newer = shown_json({name: {"val": {"acc": 71.0}, "seconds": 1.0}})
+    older = shown_json({name: {"val": {"acc": 60.0}, "seconds": 1.0}})
+    monkeypatch.setattr(ladder, "exp_show_json", lambda all_commits: json.dumps(newer + older[1:]))
+    assert ladder.main(["table", "--seeds", "0", "--all-commits"]) == 0
+    out, err = capsys.readouterr()
+    assert f"on more than one commit: {name};" in err and "| 71.00 ± 0.00 | 71.00 |" in out
+
+
 @pytest.mark.e2e
 def test_the_ladder_queues_rungs_that_the_real_dvc_runs_and_tabulates(tmp_path, http_server, small_archive,
                                                                       monkeypatch, capsys):  # fmt: skip
@@ -76,6 +88,8 @@ def test_the_ladder_queues_rungs_that_the_real_dvc_runs_and_tabulates(tmp_path, 
     monkeypatch.chdir(project)  # the ladder runs `dvc` where it is started, as a user would
     monkeypatch.setenv("PATH", tool_env()["PATH"])
     assert ladder.main(["queue", "--rungs", "0", "2", "--seeds", "0"]) == 0  # a null and a list among the keys
+    assert ladder.main(["queue", "--rungs", "0", "--seeds", "0"]) == 0  # DVC itself would queue it twice
+    assert f"skipped {experiment_name(0, 0)}: queued in DVC's experiments" in capsys.readouterr().out
     dvc("exp", "run", "--run-all", cwd=project)
     trained = {name: metrics["metrics/airbench.json"]["parameters"] for name, (_, metrics) in exp_show(project).items()}
     assert trained == {
@@ -88,7 +102,7 @@ def test_the_ladder_queues_rungs_that_the_real_dvc_runs_and_tabulates(tmp_path, 
     assert "| 0 | the 3rd try" in table and "| 2 | + airbench's net" in table
     # Queued again after a partial run, what DVC has is skipped and the rest queued.
     assert ladder.main(["queue", "--rungs", "0", "--seeds", "0"]) == 0
-    assert capsys.readouterr().out == f"skipped {experiment_name(0, 0)}: DVC has an experiment of that name " \
+    assert capsys.readouterr().out == f"skipped {experiment_name(0, 0)}: finished in DVC's experiments " \
         f"(`dvc exp remove {experiment_name(0, 0)}` to queue it again)\n"  # fmt: skip
     # A commit made while the ladder runs leaves its experiments on the commit before.
     run(["git", "commit", "-q", "--allow-empty", "-m", "Meanwhile"], cwd=project)
