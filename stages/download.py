@@ -50,11 +50,18 @@ class DownloadError(PipelineError):
 def download(url, md5, out_dir=DATASET_DIR):
     """Fetches url, checks md5, and writes the dataset to out_dir; nothing is left on failure."""
     out_dir = Path(out_dir)
+    created = not out_dir.parent.exists()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with local_copy(url, out_dir.parent) as archive:
-        check_md5(archive, md5, url)
-        dataset = read_archive_batches(read_members(archive))
-    save_dataset(dataset, out_dir)
+    try:
+        with local_copy(url, out_dir.parent) as archive:
+            check_md5(archive, md5, url)
+            dataset = read_archive_batches(read_members(archive))
+        save_dataset(dataset, out_dir)
+    except BaseException:
+        if created:
+            with suppress(OSError):  # only if nothing else is in it
+                out_dir.parent.rmdir()
+        raise
     print(f"wrote {out_dir}: {len(dataset.train.labels)} training and {len(dataset.test.labels)} test images")
 
 

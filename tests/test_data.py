@@ -18,7 +18,10 @@ def archive(tmp_path, files, name="cifar.tar.gz"):
 
 
 def leftovers(out_dir):
-    """Anything the stage may have left beside its output: partial folders, downloads."""
+    """Anything the stage may have left beside its output: partial folders, downloads (after a failure, the
+    folder it made for them: it goes too)."""
+    if not out_dir.parent.exists():
+        return []
     return [p.name for p in out_dir.parent.iterdir() if p != out_dir]
 
 
@@ -51,7 +54,11 @@ def test_a_wrong_md5_names_both_checksums_and_leaves_nothing(tmp_path, http_serv
     out = tmp_path / "data" / "cifar10"
     with pytest.raises(DownloadError, match=f"has md5 {md5}, but params.yaml's data.md5 is {'f' * 32}"):
         download(f"{http_server}/{path.name}", "f" * 32, out)
-    assert not out.exists() and leftovers(out) == []
+    assert not out.parent.exists()  # data/, made for the download, went with it
+    out.parent.mkdir()
+    with pytest.raises(DownloadError):
+        download(f"{http_server}/{path.name}", "f" * 32, out)
+    assert leftovers(out) == [] and out.parent.exists()  # a folder that was there stays
 
 
 @pytest.mark.parametrize(
