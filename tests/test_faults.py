@@ -142,7 +142,7 @@ def test_traversal_members_and_links_are_never_written_or_followed(tmp_path):
     with pytest.raises(ArchiveError, match="lacks cifar-10-batches-py/data_batch_1"):
         download(str(path), md5, work / "data" / "cifar10")
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "deep" / "escaped").exists()
-    assert sorted(p.name for p in work.rglob("*")) == ["data", "hostile.tar.gz"]
+    assert sorted(p.name for p in work.rglob("*")) == ["hostile.tar.gz"]  # data/, made for the download, went too
 
 
 def stage(project, *args):
