@@ -79,6 +79,18 @@ def test_a_name_on_two_commits_is_named_and_the_first_listed_taken(monkeypatch, 
     assert f"on more than one commit: {name};" in err and "| 71.00 ± 0.00 | 71.00 |" in out
 
 
+def test_queue_skips_what_dvc_has_and_table_says_where_it_looked(monkeypatch, capsys):
+    shown = shown_json({experiment_name(0, 0): {"val": {"acc": 71.0}, "seconds": 1.0}})
+    shown[1]["experiments"][0]["executor"] = {"state": "success"}  # as DVC shows a finished queued one
+    monkeypatch.setattr(ladder, "exp_show_json", lambda all_commits=False: json.dumps(shown))
+    monkeypatch.setattr(ladder.subprocess, "run", lambda *args, **kwargs: pytest.fail("nothing to queue"))
+    assert ladder.main(["queue", "--rungs", "0", "--seeds", "0"]) == 0
+    assert capsys.readouterr().out == f"skipped {experiment_name(0, 0)}: finished in DVC's experiments " \
+        f"(`dvc exp remove {experiment_name(0, 0)}` to queue it again)\n"  # fmt: skip
+    assert ladder.main(["table", "--seeds", "1"]) == 1  # a seed not run
+    assert "of this commit (--all-commits looks at every commit's)" in capsys.readouterr().err
+
+
 @pytest.mark.e2e
 def test_the_ladder_queues_rungs_that_the_real_dvc_runs_and_tabulates(tmp_path, http_server, small_archive,
                                                                       monkeypatch, capsys):  # fmt: skip
@@ -100,12 +112,7 @@ def test_the_ladder_queues_rungs_that_the_real_dvc_runs_and_tabulates(tmp_path, 
     assert ladder.main(["table", "--seeds", "0"]) == 0
     table = capsys.readouterr().out
     assert "| 0 | the 3rd try" in table and "| 2 | + airbench's net" in table
-    # Queued again after a partial run, what DVC has is skipped and the rest queued.
-    assert ladder.main(["queue", "--rungs", "0", "--seeds", "0"]) == 0
-    assert capsys.readouterr().out == f"skipped {experiment_name(0, 0)}: finished in DVC's experiments " \
-        f"(`dvc exp remove {experiment_name(0, 0)}` to queue it again)\n"  # fmt: skip
     # A commit made while the ladder runs leaves its experiments on the commit before.
     run(["git", "commit", "-q", "--allow-empty", "-m", "Meanwhile"], cwd=project)
-    assert ladder.main(["table", "--seeds", "0"]) == 1 and "--all-commits" in capsys.readouterr().err
     assert ladder.main(["table", "--seeds", "0", "--all-commits"]) == 0
     assert "| 2 | + airbench's net" in capsys.readouterr().out
