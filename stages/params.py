@@ -241,20 +241,20 @@ def check_tries(tries):
                 f"tries.{name}: a try name may hold only letters, digits, '_', '.' and '-', "
                 "and starts with a letter, digit or '_'"
             )
-        problems += check_mapping(f"tries.{name}", settings, TRY_SCHEMA, required=("model",), inherits=True)
-        if isinstance(settings, dict) and "model" not in settings:
-            problems[-1] += misspelt_try_hint(name, tries)
+        problems += check_mapping(f"tries.{name}", settings, TRY_SCHEMA, required=("model",), inherits=True,
+                                  missing_hint=misspelt_try_hint(name, tries))  # fmt: skip
     return problems
 
 
 def misspelt_try_hint(name, tries):
-    """For a try without a model: `-S ++tries.lent.lr=...` makes a new try where tries.lenet was meant."""
+    """Said of a try without a model: `-S ++tries.lent.lr=...` makes a new try where tries.lenet was meant."""
     close = difflib.get_close_matches(str(name), [str(other) for other in tries if other != name], n=1)
     return f" (did you mean tries.{close[0]}? a new try needs its model)" if close else ""
 
 
-def check_mapping(where, mapping, schema, required=(), inherits=False):
-    """Checks one mapping against schema; the keys in required must be there.
+def check_mapping(where, mapping, schema, required=(), inherits=False, missing_hint=""):
+    """Checks one mapping against schema; the keys in required must be there (missing_hint follows the
+    message of one that is not).
 
     inherits: the mapping is a try's own keys, where null means train's value (for any key but model).
     """
@@ -268,7 +268,8 @@ def check_mapping(where, mapping, schema, required=(), inherits=False):
             continue
         elif not schema[key].accepts(value):
             problems.append(f"{where}.{key}: got {value!r}; expected {schema[key].allowed}")
-    problems += [f"{where}.{key}: missing; expected {schema[key].allowed}" for key in required if key not in mapping]
+    missing = [key for key in required if key not in mapping]
+    problems += [f"{where}.{key}: missing; expected {schema[key].allowed}{missing_hint}" for key in missing]
     return problems
 
 
