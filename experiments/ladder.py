@@ -132,16 +132,20 @@ def exp_show_json(all_commits=False):
 
 def experiment_states(shown):
     """{experiment name: queued, running, failed or finished} from `dvc exp show --json` output."""
-    words = {None: "finished", "success": "finished"}  # an experiment run in the workspace has no executor
-    return {
-        experiment["name"]: words.get(state, state)
-        for experiment in shown_experiments(shown)
-        for state in [(experiment.get("executor") or {}).get("state")]
-    }
+    states = {}
+    for experiment in shown_experiments(shown):
+        state = state_of(experiment)
+        states[experiment["name"]] = "finished" if state in (None, "success") else state
+    return states
 
 
 def shown_experiments(shown):
     return [experiment for commit in shown for experiment in commit.get("experiments") or [] if experiment.get("name")]
+
+
+def state_of(experiment):
+    """queued, running, success or failed; an experiment run in the workspace has no executor, and succeeded."""
+    return (experiment.get("executor") or {}).get("state", "success")
 
 
 def read_experiments(shown):
@@ -151,15 +155,14 @@ def read_experiments(shown):
     baseline's metrics under the experiment's name.
     """
     found = {}
-    for commit in shown:
-        for experiment in commit.get("experiments") or []:
-            if (experiment.get("executor") or {}).get("state", "success") != "success":
-                continue
-            for rev in experiment["revs"]:
-                metrics = (rev.get("data") or {}).get("metrics") or {}
-                result = metrics.get(f"metrics/{TRY}.json", {}).get("data")
-                if rev.get("name") and result:
-                    found.setdefault(rev["name"], result)  # the first listed, where commits repeat a name
+    for experiment in shown_experiments(shown):
+        if state_of(experiment) != "success":
+            continue
+        for rev in experiment["revs"]:
+            metrics = (rev.get("data") or {}).get("metrics") or {}
+            result = metrics.get(f"metrics/{TRY}.json", {}).get("data")
+            if rev.get("name") and result:
+                found.setdefault(rev["name"], result)  # the first listed, where commits repeat a name
     return found
 
 
