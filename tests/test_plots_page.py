@@ -79,12 +79,12 @@ def test_a_confusion_matrix_keeps_a_class_that_is_never_predicted():
     assert drawn_cells(pairs, "confusion") == counted  # DVC's own: 3 actual x 2 predicted
 
 
-def drawn_lines(template, tries, revisions):
+def drawn_lines(template, tries, revisions, epochs=3):
     """{(history file, revision): (colour, dashes)} of the lines Vega draws for dvc.yaml's overlay of the tries'
-    history.csv, and every text it writes."""
+    history.csv over epochs 1..epochs, and every text it writes."""
     files = [f"{name}/history.csv" for name in tries]  # as DVC names them: the common "plots/" left out
     data = [{"epoch": epoch, "val_acc": 50.0 + k + epoch, "rev": rev, "filename": file}
-            for k, rev in enumerate(revisions) for file in files for epoch in (1, 2, 3)]  # fmt: skip
+            for k, rev in enumerate(revisions) for file in files for epoch in range(1, epochs + 1)]  # fmt: skip
     sources = [{"filename": file, "field": "val_acc"} for file in files]
     svg = drawn_svg(data, template, x="epoch", y="val_acc", anchors_y_definitions=sources)
     lines = {}
@@ -114,12 +114,7 @@ def test_the_overlays_give_each_try_a_colour_and_each_revision_a_dash():
 
 def x_labels(template, epochs):
     """The x axis's labels Vega writes for two tries' history.csv over epochs 1..epochs."""
-    files = ["lenet/history.csv", "airbench/history.csv"]
-    data = [{"epoch": epoch, "val_acc": 50.0 + epoch / 7, "rev": "HEAD", "filename": file}
-            for file in files for epoch in range(1, epochs + 1)]  # fmt: skip
-    sources = [{"filename": file, "field": "val_acc"} for file in files]
-    svg = drawn_svg(data, template, x="epoch", y="val_acc", anchors_y_definitions=sources)
-    texts = re.findall(r"<text[^>]*>([^<]*)</text>", svg)
+    _, texts = drawn_lines(template, ["lenet", "airbench"], ["HEAD"], epochs)
     return texts[: texts.index("epoch")]  # the labels come before the axis's title
 
 
