@@ -29,7 +29,7 @@ def file_problem(path, error, kind):
     if isinstance(error, FileNotFoundError):
         return f"{path}: no such {kind}"
     if isinstance(error, IsADirectoryError):
-        return f"{path}: a directory, not a file"
+        return f"{path}: a folder, not a file"
     return f"{path}: cannot be read ({error.strerror})"
 
 

@@ -106,7 +106,7 @@ def cut_near_its_end(path):
 
 BROKEN = {
     "missing": (lambda path: None, r"no such checkpoint; `dvc repro` trains each try into models/<try>.pt"),
-    "a-directory": (lambda path: path.mkdir(), r"a directory, not a file"),
+    "a-directory": (lambda path: path.mkdir(), r"a folder, not a file"),
     "empty": (lambda path: path.write_bytes(b""), r"not a readable checkpoint, truncated"),
     "truncated": (truncated, r"not a readable checkpoint, truncated"),
     "cut-near-its-end": (cut_near_its_end, r"not a readable checkpoint, truncated"),

@@ -157,7 +157,7 @@ BAD_IMAGES = {
     "missing": (lambda d: d / "nothing.png", "no such image"),
     "not-an-image": (lambda d: (d / "notes.png").write_text("hello") and d / "notes.png", "not an image"),
     "truncated": (truncated_jpeg, "damaged or truncated image"),
-    "a-directory": (lambda d: (d / "folder").mkdir() or d / "folder", "a directory, not a file"),
+    "a-directory": (lambda d: (d / "folder").mkdir() or d / "folder", "a folder, not a file"),
 }
 
 
