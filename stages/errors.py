@@ -2,7 +2,8 @@
 
 A stage's main() is wrapped in `exits_cleanly`: a PipelineError becomes its
 message on stderr and exit status 1, so DVC stops with something readable
-instead of a traceback. Anything else is a bug and keeps its traceback.
+instead of a traceback, and Ctrl-C becomes one line and status 130. Anything
+else is a bug and keeps its traceback.
 """
 
 import functools
@@ -41,5 +42,9 @@ def exits_cleanly(main):
         except PipelineError as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(1)
+        except KeyboardInterrupt:
+            # Every output is written under a temporary name that an interruption removes (stages.outputs).
+            print("interrupted (Ctrl-C); nothing half-written was kept", file=sys.stderr)
+            sys.exit(130)  # 128 + SIGINT, what a shell reports for a command that Ctrl-C stopped
 
     return wrapper

@@ -13,6 +13,7 @@ stage writes (`train` overlaid with `tries.<try>`, plus `augment` when the try a
 
 import argparse
 import math
+import os
 import sys
 import time
 
@@ -41,11 +42,12 @@ FIT_IMAGES = 5000  # training images a model whose first layer is set from the d
 HISTORY_HEADER = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
 
 
-def train(config, recipe, dataset, outputs, name="try"):
+def train(config, recipe, dataset, outputs, name="try", stop_if_abandoned=lambda: None):
     """Trains one try on dataset and writes its outputs; returns its metrics.
 
     config: the try's effective config (train's keys and its model); recipe: the post's augmentation
-    recipe (params.yaml's augment section), used when config["augment"] is true.
+    recipe (params.yaml's augment section), used when config["augment"] is true. stop_if_abandoned is
+    called before each epoch and before writing, to raise when nothing wants the outputs any more.
     """
     started = time.perf_counter()
     device = pick_device(config["device"])
@@ -71,12 +73,29 @@ def train(config, recipe, dataset, outputs, name="try"):
     )
     history = []
     for epoch in range(1, config["epochs"] + 1):
+        stop_if_abandoned()
         freeze_whitening_bias(model, config, epoch)
         row, final = run_epoch(epoch, model, updates, data, config, generator, augment, name)
         history.append(row)
     metrics = summarise(history, count_parameters(model), time.perf_counter() - started)
+    stop_if_abandoned()
     write_outputs(outputs, model, config, dataset.classes, history, final, dataset.test.labels, metrics)
     return metrics
+
+
+def stop_when_dvc_exits():
+    """The check train() makes under `dvc repro`: it raises once dvc has exited. Ctrl-C stops dvc and the
+    stage together, but dvc killed on its own (`kill <pid>`, `dvc queue kill --force`) leaves the stage
+    training on, to write outputs that dvc.lock never records. Outside DVC (no DVC_STAGE, which dvc sets
+    for the commands it runs) it checks nothing."""
+    stage = os.environ.get("DVC_STAGE")
+    parent = os.getppid()  # dvc: the shell it runs the command with puts a lone command in its own place
+
+    def check():
+        if stage is not None and os.getppid() != parent:
+            raise PipelineError(f"{stage}: dvc, which ran this stage, has exited; stopped without writing outputs")
+
+    return check
 
 
 def fit_first_layer(model, split):
@@ -209,8 +228,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Train one try of params.yaml.")
     parser.add_argument("name", help="a key of params.yaml's tries section")
     name = parser.parse_args(argv).name
+    stop_if_abandoned = stop_when_dvc_exits()  # first: dvc may exit while the data loads
     config, recipe = read_try_config(name)
-    train(config, recipe, load_dataset(DATASET_DIR), outputs_for(name), name)
+    train(config, recipe, load_dataset(DATASET_DIR), outputs_for(name), name, stop_if_abandoned)
 
 
 if __name__ == "__main__":

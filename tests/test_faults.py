@@ -1,6 +1,7 @@
 """Faults: flaky servers, hostile archives, diverging training, a killed stage. Nothing half-done survives."""
 
 import ast
+import functools
 import hashlib
 import http.server
 import io
@@ -167,18 +168,28 @@ def test_a_diverging_loss_stops_the_try_with_epoch_batch_and_lr(downloaded):
     assert not (downloaded / "metrics").exists() and not (downloaded / "models").exists()
 
 
-@pytest.mark.e2e
-def test_a_training_stage_killed_mid_run_leaves_nothing_complete_and_repro_redoes_it(project):
+def repro_lenet_stopped_at_epoch_2(project, stop, **options):
+    """Runs `dvc repro train@lenet` for 6 epochs, with Popen's options, and calls stop(the dvc process) once
+    epoch 2 is printed; returns its output lines, read to the end: the stage writes there too, and a closed
+    pipe would stop it."""
     edit_params(project, lambda p: p["train"].update(epochs=6))
     dvc("repro", "download", cwd=project)
     command = [sys.executable, "-m", "dvc", "repro", "train@lenet"]
     repro = subprocess.Popen(command, cwd=project, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, start_new_session=True)  # fmt: skip
+                             text=True, **options)  # fmt: skip
+    output = []
     for line in repro.stdout:
+        output.append(line)
         if line.startswith("epoch  2/6"):
-            os.killpg(repro.pid, signal.SIGKILL)  # dvc and the stage it runs, with no chance to clean up
-            break
+            stop(repro)
     repro.wait()
+    return output
+
+
+@pytest.mark.e2e
+def test_a_training_stage_killed_mid_run_leaves_nothing_complete_and_repro_redoes_it(project):
+    # dvc and the stage it runs, with no chance to clean up
+    repro_lenet_stopped_at_epoch_2(project, lambda repro: os.killpg(repro.pid, signal.SIGKILL), start_new_session=True)
     assert not (project / "metrics" / "lenet.json").exists()
     assert not (project / "plots" / "lenet" / "predictions.csv").exists()
     result = dvc("repro", "train@lenet", cwd=project)
@@ -186,6 +197,31 @@ def test_a_training_stage_killed_mid_run_leaves_nothing_complete_and_repro_redoe
     metrics = json.loads((project / "metrics" / "lenet.json").read_text())
     assert metrics["epochs"] == 6 and not list(project.rglob(".*partial*"))
     assert dvc("status", "train@lenet", cwd=project).stdout.strip().endswith("up to date.")
+
+
+def test_ctrl_c_stops_a_stage_with_one_line_and_status_130(downloaded):
+    edit_params(downloaded, lambda p: p["train"].update(epochs=6))
+    assert stage(downloaded, "stages.configure").returncode == 0
+    command = [sys.executable, "-m", "stages.train", "lenet"]
+    # SIGINT as a terminal leaves it: a process started with it ignored (as from a background job) keeps ignoring it.
+    as_in_a_terminal = functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
+    training = subprocess.Popen(command, cwd=downloaded, env=tool_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, preexec_fn=as_in_a_terminal)  # fmt: skip
+    for line in training.stdout:
+        if line.startswith("epoch  2/6"):
+            training.send_signal(signal.SIGINT)  # what Ctrl-C sends
+            break
+    assert training.wait() == 130
+    assert training.stderr.read() == "interrupted (Ctrl-C); nothing half-written was kept\n"
+    assert not (downloaded / "metrics").exists() and not (downloaded / "models").exists()
+
+
+@pytest.mark.e2e
+def test_a_training_stage_stops_without_writing_when_dvc_is_killed_on_its_own(project):
+    output = repro_lenet_stopped_at_epoch_2(project, lambda repro: repro.kill())  # as `kill <pid>` would
+    assert "train@lenet: dvc, which ran this stage, has exited; stopped without writing outputs" in "".join(output)
+    assert not any(line.startswith("epoch  4/6") for line in output)
+    assert not (project / "metrics" / "lenet.json").exists() and not (project / "models" / "lenet.pt").exists()
 
 
 # pickle's ways in: each runs whatever a file asks for.
