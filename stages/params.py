@@ -39,11 +39,13 @@ TRY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # fullmatch: "$" would le
 
 
 class Rule:
-    """A check on one value, with the words that tell the user what is allowed."""
+    """A check on one value, with the words that tell the user what is allowed (and, after a wrong value's,
+    a hint on what else to do)."""
 
-    def __init__(self, allowed, accepts):
+    def __init__(self, allowed, accepts, hint=""):
         self.allowed = allowed
         self.accepts = accepts
+        self.hint = hint
 
 
 def _is_int(value):
@@ -54,8 +56,8 @@ def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def one_of(*choices):
-    return Rule(f"one of {', '.join(map(repr, choices))}", lambda v: isinstance(v, str) and v in choices)
+def one_of(*choices, hint=""):
+    return Rule(f"one of {', '.join(map(repr, choices))}", lambda v: isinstance(v, str) and v in choices, hint)
 
 
 POSITIVE_INT = Rule("an integer > 0", lambda v: _is_int(v) and v > 0)
@@ -114,10 +116,12 @@ AUGMENT_SCHEMA = {
     "contrast": NON_NEGATIVE_NUMBER,
     "saturation": NON_NEGATIVE_NUMBER,
 }
+# After an unknown model's message: where a model of one's own goes (README: Adding a model).
+NEW_MODEL = "; a model of your own goes in MODELS (stages/models.py) and MODEL_OPTIONS (stages/params.py)"
 # Keys of a try only, never of train: its model, and options that only some models take (MODEL_OPTIONS).
 # An option left out means the model's own value (its class constant), and a whitening bias that trains throughout.
 MODEL_SCHEMA = {
-    "model": one_of(*MODEL_OPTIONS),
+    "model": one_of(*MODEL_OPTIONS, hint=NEW_MODEL),
     "widths": WIDTHS,
     "batchnorm_momentum": MOMENTUM_SHARE,
     "logit_divisor": POSITIVE_NUMBER,
@@ -267,7 +271,7 @@ def check_mapping(where, mapping, schema, required=(), inherits=False, missing_h
         elif value is None and inherits and key != "model":
             continue
         elif not schema[key].accepts(value):
-            problems.append(f"{where}.{key}: got {value!r}; expected {schema[key].allowed}")
+            problems.append(f"{where}.{key}: got {value!r}; expected {schema[key].allowed}{schema[key].hint}")
     missing = [key for key in required if key not in mapping]
     problems += [f"{where}.{key}: missing; expected {schema[key].allowed}{missing_hint}" for key in missing]
     return problems

@@ -54,10 +54,9 @@ def test_params_knows_every_model_and_how_many_widths_it_takes():
     takes_widths = {name: len(model.WIDTHS) for name, model in MODELS.items() if hasattr(model, "WIDTHS")}
     assert WIDTH_COUNTS == takes_widths
     assert {name for name, options in MODEL_OPTIONS.items() if "widths" in options} == set(takes_widths)
-    # What a model's constructor takes, a try may set; the rest of a try's model options steer its training.
-    assert {name: set(options) - model_options(name) for name, options in MODEL_OPTIONS.items()} == {
-        "lenet": set(), "lenet2": set(), "lenet2_bn": set(), "airbench": {"whiten_bias_epochs"},
-    }  # fmt: skip
+    # What a model's constructor takes, a try may set; besides, only whiten_bias_epochs, which steers training.
+    for name, options in MODEL_OPTIONS.items():
+        assert set(options) - {"whiten_bias_epochs"} == model_options(name), name
 
 
 @pytest.mark.parametrize("stage", ["download", "configure"])
@@ -92,12 +91,13 @@ def test_every_key_of_the_shipped_tries_has_a_comment():
             assert "#" in line or above.lstrip().startswith("#"), f"no comment in params.yaml: {line.strip()}"
 
 
-def test_the_overlaid_plots_name_the_posts_tries():
+def test_the_overlaid_plots_name_the_shipped_tries():
+    """A try added later need not be overlaid (README), but one that an overlay names must exist."""
     for plot in DVC_YAML["plots"]:
         if isinstance(plot, dict):
             (definition,) = plot.values()
             tries = {path.split("/")[1] for path in definition["y"]}
-            assert tries == set(PARAMS["tries"])
+            assert {"lenet", "lenet2", "lenet2_aug", "airbench"} <= tries <= set(PARAMS["tries"])
 
 
 def test_ci_runs_the_readme_test_command():
