@@ -195,6 +195,12 @@ def test_added_try_trains_and_is_reported_without_editing_dvc_yaml(reproduced):
     shown = json.loads(dvc("metrics", "show", "--json", cwd=project).stdout)
     assert "metrics/mine.json" in next(iter(shown.values()))["data"]
     assert (project / "plots" / "report" / "mine_curves.png").exists()
+    # Back to the commit as the README says: nothing looks out of date, though DVC's models/.gitignore kept
+    # the line it added for mine.pt.
+    run(["git", "checkout", "params.yaml", "dvc.lock"], cwd=project)
+    dvc("checkout", cwd=project)
+    assert "/mine.pt" in (project / "models" / ".gitignore").read_text()
+    assert dvc("status", cwd=project).stdout.strip() == "Data and pipelines are up to date."
 
 
 def test_wrong_md5_fails_cleanly(project):
