@@ -7,23 +7,25 @@ turned upright (its EXIF orientation), laid on white where it is transparent, co
 bilinear, antialiased), then normalised as in training. Prints a table, or JSON with --json.
 
     python -m stages.predict models/lenet2.pt cat.jpg dog.png
-    python -m stages.predict models/lenet2.pt photos/*.jpg --json
+    python -m stages.predict models/lenet2.pt photos --json
 
-A missing or unreadable image is named and the others are still classified; the exit status
-is then 1. A bad checkpoint stops everything before any image is read.
+A folder stands for the images in it (by their suffix, in name order). A missing or unreadable
+image is named and the others are still classified; the exit status is then 1. A bad checkpoint
+stops everything before any image is read.
 """
 
 import argparse
 import json
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from stages.errors import FILE_ERRORS, PipelineError, exits_cleanly, file_problem
-from stages.inference import load_checkpoint, predict_probabilities, test_time_views
+from stages.inference import CheckpointError, load_checkpoint, predict_probabilities, test_time_views
 
 IMAGE_SIZE = (32, 32)  # what the models take, and what the post resizes to
 # 16-bit grey, as PIL opens a 16-bit PNG or TIFF ("I" holds it too): PIL's convert("RGB") would clip it to white.
@@ -36,8 +38,27 @@ class ImageError(PipelineError):
     """An image that cannot be classified: missing, unreadable, or not an image."""
 
 
+def image_suffixes():
+    """The file suffixes of the formats PIL opens (.png, .jpg, .webp, ...)."""
+    Image.init()
+    return {suffix for suffix, format in Image.registered_extensions().items() if format in Image.OPEN}
+
+
+def images_named(argument):
+    """The paths an argument names: a folder's images (files with an image suffix, hidden ones left out, in
+    name order), or the argument as given: a file, or a folder without images, for load_image to name."""
+    path = Path(argument)
+    if not path.is_dir():
+        return [argument]
+    suffixes = image_suffixes()
+    images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes and p.name[0] != ".")
+    return [str(image) for image in images] or [argument]
+
+
 def load_image(path):
     """uint8 (3, 32, 32) of the image at path, as the post's Resize((32, 32)) on a PIL image gives it."""
+    if Path(path).is_dir():  # images_named() found none in it
+        raise ImageError(f"{path}: a folder without images (PNG, JPEG, GIF, BMP, WebP or TIFF files)")
     try:
         with warnings.catch_warnings():
             # PIL warns of photos over 89 megapixels (some phones take 108): read as asked, they are
@@ -118,11 +139,16 @@ def main(argv=None):
         prog="python -m stages.predict", description="Top 3 classes of a trained try for each image."
     )
     parser.add_argument("checkpoint", help="a model the train stage wrote, e.g. models/lenet2.pt")
-    parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...), any size")
+    parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...), any size, or folders of them")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
     args = parser.parse_args(argv)
-    checkpoint = load_checkpoint(args.checkpoint)
-    results = predict(checkpoint, args.images)
+    try:
+        checkpoint = load_checkpoint(args.checkpoint)
+    except CheckpointError as error:
+        if Path(args.checkpoint).suffix.lower() not in image_suffixes():
+            raise
+        raise CheckpointError(f"{error}. Named like an image: the checkpoint comes first, then the images") from None
+    results = predict(checkpoint, [path for argument in args.images for path in images_named(argument)])
     if args.json:
         print(json.dumps(results, indent=2))
     elif any("top" in result for result in results):

@@ -157,7 +157,7 @@ BAD_IMAGES = {
     "missing": (lambda d: d / "nothing.png", "no such image"),
     "not-an-image": (lambda d: (d / "notes.png").write_text("hello") and d / "notes.png", "not an image"),
     "truncated": (truncated_jpeg, "damaged or truncated image"),
-    "a-directory": (lambda d: (d / "folder").mkdir() or d / "folder", "a folder, not a file"),
+    "a-folder-without-images": (lambda d: (d / "folder").mkdir() or d / "folder", "a folder without images"),
 }
 
 
@@ -180,11 +180,27 @@ def test_a_bad_checkpoint_stops_before_any_image(capsys, tmp_path, test_images):
     assert err.startswith(f"error: {tmp_path / 'models' / 'nothing.pt'}: no such checkpoint; `dvc repro` trains")
 
 
-def test_an_image_given_as_the_checkpoint_is_called_not_a_checkpoint(capsys, test_images):
+@pytest.mark.parametrize("suffix", ["png", "webp"])  # a WebP file passes for a pickle that fails to unpickle
+def test_an_image_given_as_the_checkpoint_is_called_not_a_checkpoint(capsys, tmp_path, test_images, suffix):
     image, *others = test_images
-    status, out, err = run_main(capsys, image, *others)
+    named = tmp_path / f"image.{suffix}"
+    Image.open(image).save(named)
+    status, out, err = run_main(capsys, named, *others)
     assert status == 1 and out == ""
-    assert err.startswith(f"error: {image}: not a checkpoint: ") and "refused" not in err
+    assert err.startswith(f"error: {named}: not a") and "refused" not in err
+    assert err.endswith("Named like an image: the checkpoint comes first, then the images\n")
+
+
+def test_a_folder_stands_for_the_images_in_it_in_name_order(capsys, tmp_path, trained_try, test_images):
+    first, second = list(test_images)[:2]
+    folder = tmp_path / "photos"
+    (folder / "inner").mkdir(parents=True)
+    for name, image in [("b.PNG", first), ("a.jpg", second), (".hidden.png", first), ("inner/c.png", first)]:
+        Image.open(image).save(folder / name, format="JPEG" if name.endswith("jpg") else "PNG")
+    (folder / "notes.txt").write_text("not an image")
+    status, out, err = run_main(capsys, trained_try.model, folder, first, "--json")
+    assert status == 0 and err == ""
+    assert [r["image"] for r in json.loads(out)] == [str(folder / "a.jpg"), str(folder / "b.PNG"), str(first)]
 
 
 def test_the_command_refuses_a_hostile_checkpoint_without_running_it_or_a_traceback(tmp_path, test_images):
