@@ -2,11 +2,13 @@
 
 A stage's main() is wrapped in `exits_cleanly`: a PipelineError becomes its
 message on stderr and exit status 1, so DVC stops with something readable
-instead of a traceback, and Ctrl-C becomes one line and status 130. Anything
-else is a bug and keeps its traceback.
+instead of a traceback, and Ctrl-C becomes one line (and the process ends by
+SIGINT, as it would without it). Anything else is a bug and keeps its traceback.
 """
 
 import functools
+import os
+import signal
 import sys
 
 
@@ -44,7 +46,11 @@ def exits_cleanly(main):
             sys.exit(1)
         except KeyboardInterrupt:
             # Every output is written under a temporary name that an interruption removes (stages.outputs).
-            print("interrupted (Ctrl-C); nothing half-written was kept", file=sys.stderr)
-            sys.exit(130)  # 128 + SIGINT, what a shell reports for a command that Ctrl-C stopped
+            print("interrupted; nothing half-written was kept", file=sys.stderr)
+            # End as Python does on an unhandled Ctrl-C, killed by SIGINT (status 130 in a shell): a shell
+            # loop over the command then stops too, which a plain exit(130) would let carry on.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+            sys.exit(130)  # where that signal does not end the process (Windows)
 
     return wrapper

@@ -39,8 +39,8 @@ TRY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # fullmatch: "$" would le
 
 
 class Rule:
-    """A check on one value, with the words that tell the user what is allowed (and, after a wrong value's,
-    a hint on what else to do)."""
+    """A check on one value, with the words that tell the user what is allowed; hint follows them where a
+    value is wrong (not where it is missing)."""
 
     def __init__(self, allowed, accepts, hint=""):
         self.allowed = allowed
@@ -117,7 +117,7 @@ AUGMENT_SCHEMA = {
     "saturation": NON_NEGATIVE_NUMBER,
 }
 # After an unknown model's message: where a model of one's own goes (README: Adding a model).
-NEW_MODEL = "; a model of your own goes in MODELS (stages/models.py) and MODEL_OPTIONS (stages/params.py)"
+NEW_MODEL = "; a model of your own goes in stages/models.py and stages/params.py (README: Adding a model)"
 # Keys of a try only, never of train: its model, and options that only some models take (MODEL_OPTIONS).
 # An option left out means the model's own value (its class constant), and a whitening bias that trains throughout.
 MODEL_SCHEMA = {

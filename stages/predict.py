@@ -28,6 +28,9 @@ from stages.errors import FILE_ERRORS, PipelineError, exits_cleanly, file_proble
 from stages.inference import CheckpointError, load_checkpoint, predict_probabilities, test_time_views
 
 IMAGE_SIZE = (32, 32)  # what the models take, and what the post resizes to
+FORMATS = "PNG, JPEG, GIF, BMP, WebP or TIFF"
+# What a folder's images are named (PIL opens more, videos and scientific data among them: not photos).
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 # 16-bit grey, as PIL opens a 16-bit PNG or TIFF ("I" holds it too): PIL's convert("RGB") would clip it to white.
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 TOP = 3  # classes shown per image
@@ -38,27 +41,20 @@ class ImageError(PipelineError):
     """An image that cannot be classified: missing, unreadable, or not an image."""
 
 
-def image_suffixes():
-    """The file suffixes of the formats PIL opens (.png, .jpg, .webp, ...)."""
-    Image.init()
-    return {suffix for suffix, format in Image.registered_extensions().items() if format in Image.OPEN}
-
-
 def images_named(argument):
     """The paths an argument names: a folder's images (files with an image suffix, hidden ones left out, in
-    name order), or the argument as given: a file, or a folder without images, for load_image to name."""
+    name order), or the argument as given: a file, or a folder without images, for predict to name."""
     path = Path(argument)
     if not path.is_dir():
         return [argument]
-    suffixes = image_suffixes()
-    images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes and p.name[0] != ".")
+    images = sorted(
+        p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.name[0] != "."
+    )
     return [str(image) for image in images] or [argument]
 
 
 def load_image(path):
     """uint8 (3, 32, 32) of the image at path, as the post's Resize((32, 32)) on a PIL image gives it."""
-    if Path(path).is_dir():  # images_named() found none in it
-        raise ImageError(f"{path}: a folder without images (PNG, JPEG, GIF, BMP, WebP or TIFF files)")
     try:
         with warnings.catch_warnings():
             # PIL warns of photos over 89 megapixels (some phones take 108): read as asked, they are
@@ -71,7 +67,7 @@ def load_image(path):
     except FILE_ERRORS as error:
         raise ImageError(file_problem(path, error, "image")) from None
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image (PNG, JPEG, GIF, BMP, WebP or TIFF expected)") from None
+        raise ImageError(f"{path}: not an image ({FORMATS} expected)") from None
     except Image.DecompressionBombError as error:
         raise ImageError(
             f"{path}: too large to read safely ({error}); save a smaller copy, the model sees 32x32 pixels"
@@ -94,11 +90,14 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def predict(checkpoint, paths):
-    """One entry per path, in order: {"image", "top": [{"class", "probability"}, ...]} or {"image", "error"}."""
+def predict(checkpoint, arguments):
+    """One entry per image, in the order of arguments (image files, or folders: their images):
+    {"image", "top": [{"class", "probability"}, ...]} or {"image", "error"}."""
     results, images = [], []
-    for path in paths:
+    for path in [path for argument in arguments for path in images_named(argument)]:
         try:
+            if Path(path).is_dir():  # images_named() gives a folder only when it found no image in it
+                raise ImageError(f"{path}: a folder without images ({FORMATS} files)")
             images.append(load_image(path))
             results.append({"image": str(path)})
         except ImageError as error:
@@ -145,10 +144,10 @@ def main(argv=None):
     try:
         checkpoint = load_checkpoint(args.checkpoint)
     except CheckpointError as error:
-        if Path(args.checkpoint).suffix.lower() not in image_suffixes():
+        if Path(args.checkpoint).suffix.lower() not in IMAGE_SUFFIXES:
             raise
         raise CheckpointError(f"{error}. Named like an image: the checkpoint comes first, then the images") from None
-    results = predict(checkpoint, [path for argument in args.images for path in images_named(argument)])
+    results = predict(checkpoint, args.images)
     if args.json:
         print(json.dumps(results, indent=2))
     elif any("top" in result for result in results):

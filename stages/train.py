@@ -87,12 +87,18 @@ def stop_when_dvc_exits():
     """The check train() makes under `dvc repro`: it raises once dvc has exited. Ctrl-C stops dvc and the
     stage together, but dvc killed on its own (`kill <pid>`, `dvc queue kill --force`) leaves the stage
     training on, to write outputs that dvc.lock never records. Outside DVC (no DVC_STAGE, which dvc sets
-    for the commands it runs) it checks nothing."""
+    for the commands it runs) it checks nothing.
+
+    dvc runs the command with $SHELL -c; bash and zsh hand over to a lone command, so our parent is dvc.
+    dash (Debian's /bin/sh, taken when SHELL is unset) stays our parent and outlives dvc: nothing is seen.
+    """
     stage = os.environ.get("DVC_STAGE")
-    parent = os.getppid()  # dvc: the shell it runs the command with puts a lone command in its own place
+    if stage is None:
+        return lambda: None
+    parent = os.getppid()
 
     def check():
-        if stage is not None and os.getppid() != parent:
+        if os.getppid() != parent:
             raise PipelineError(f"{stage}: dvc, which ran this stage, has exited; stopped without writing outputs")
 
     return check

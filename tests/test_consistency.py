@@ -54,9 +54,11 @@ def test_params_knows_every_model_and_how_many_widths_it_takes():
     takes_widths = {name: len(model.WIDTHS) for name, model in MODELS.items() if hasattr(model, "WIDTHS")}
     assert WIDTH_COUNTS == takes_widths
     assert {name for name, options in MODEL_OPTIONS.items() if "widths" in options} == set(takes_widths)
-    # What a model's constructor takes, a try may set; besides, only whiten_bias_epochs, which steers training.
+    # What a model's constructor takes, a try may set; besides, only whiten_bias_epochs, which steers training
+    # and needs a whitening layer fit to the data.
     for name, options in MODEL_OPTIONS.items():
         assert set(options) - {"whiten_bias_epochs"} == model_options(name), name
+        assert ("whiten_bias_epochs" in options) == hasattr(MODELS[name], "fit_to_data"), name
 
 
 @pytest.mark.parametrize("stage", ["download", "configure"])

@@ -161,8 +161,8 @@ def test_an_unknown_try_is_named():
         (lambda p: p["train"].update(batchnorm_momentum=0.4), "train.batchnorm_momentum: unknown key"),
         (
             lambda p: p["tries"]["x"].update(model="airnet"),
-            "expected one of 'lenet', 'lenet2', 'lenet2_bn', 'airbench'; a model of your own goes in MODELS "
-            "(stages/models.py) and MODEL_OPTIONS (stages/params.py)",
+            "expected one of 'lenet', 'lenet2', 'lenet2_bn', 'airbench'; a model of your own goes in "
+            "stages/models.py and stages/params.py (README: Adding a model)",
         ),
     ],
 )

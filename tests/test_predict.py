@@ -198,6 +198,7 @@ def test_a_folder_stands_for_the_images_in_it_in_name_order(capsys, tmp_path, tr
     for name, image in [("b.PNG", first), ("a.jpg", second), (".hidden.png", first), ("inner/c.png", first)]:
         Image.open(image).save(folder / name, format="JPEG" if name.endswith("jpg") else "PNG")
     (folder / "notes.txt").write_text("not an image")
+    (folder / "clip.mpg").write_bytes(b"\x00\x00\x01\xba" + bytes(100))  # a format PIL opens, but no photo
     status, out, err = run_main(capsys, trained_try.model, folder, first, "--json")
     assert status == 0 and err == ""
     assert [r["image"] for r in json.loads(out)] == [str(folder / "a.jpg"), str(folder / "b.PNG"), str(first)]
