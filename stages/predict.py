@@ -141,6 +141,9 @@ def main(argv=None):
     parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...), any size, or folders of them")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
     args = parser.parse_args(argv)
+    # A file name that is not valid in the system's encoding (bytes from another system) prints escaped,
+    # where a strict UTF-8 stdout would stop the table with a traceback.
+    sys.stdout.reconfigure(errors="backslashreplace")
     try:
         checkpoint = load_checkpoint(args.checkpoint)
     except CheckpointError as error:

@@ -1,6 +1,7 @@
 """`python -m stages.predict`: known images through a small trained try, image handling, and every error."""
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -212,3 +213,16 @@ def test_the_command_refuses_a_hostile_checkpoint_without_running_it_or_a_traceb
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith(f"error: {tmp_path / 'evil.pt'}: refused: it asks for ")
     assert "Traceback" not in result.stderr and not marker.exists()
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="macOS's file systems refuse names that are not UTF-8")
+def test_a_file_name_the_encoding_cannot_print_is_shown_escaped(tmp_path, trained_try, test_images):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes, not UTF-8: the name holds an escaped byte
+    Image.open(next(iter(test_images))).save(folder / name)
+    command = [sys.executable, "-m", "stages.predict", str(trained_try.model), str(folder)]
+    strict = {**tool_env(), "PYTHONIOENCODING": "utf-8"}  # as under en_US.UTF-8: no escapes of its own
+    result = subprocess.run(command, cwd=ROOT, env=strict, capture_output=True, text=True, errors="replace")
+    assert result.returncode == 0, result.stderr
+    assert f"{folder}/caf\\udce9.png" in result.stdout
