@@ -43,13 +43,13 @@ class ImageError(PipelineError):
 
 def images_named(argument):
     """The paths an argument names: a folder's images (files with an image suffix, hidden ones left out, in
-    name order), or the argument as given: a file, or a folder without images, for predict to name."""
+    name order; a broken link among them, for load_image to name), or the argument as given: a file, or a
+    folder without images, for predict to name."""
     path = Path(argument)
     if not path.is_dir():
         return [argument]
-    images = sorted(
-        p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.name[0] != "."
-    )
+    named = [p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.name[0] != "."]
+    images = sorted(p for p in named if p.is_file() or not p.exists())  # not a folder named like an image
     return [str(image) for image in images] or [argument]
 
 

@@ -200,9 +200,13 @@ def test_a_folder_stands_for_the_images_in_it_in_name_order(capsys, tmp_path, tr
         Image.open(image).save(folder / name, format="JPEG" if name.endswith("jpg") else "PNG")
     (folder / "notes.txt").write_text("not an image")
     (folder / "clip.mpg").write_bytes(b"\x00\x00\x01\xba" + bytes(100))  # a format PIL opens, but no photo
+    (folder / "album.png").mkdir()  # a folder named like an image
     status, out, err = run_main(capsys, trained_try.model, folder, first, "--json")
     assert status == 0 and err == ""
     assert [r["image"] for r in json.loads(out)] == [str(folder / "a.jpg"), str(folder / "b.PNG"), str(first)]
+    (folder / "gone.png").symlink_to(tmp_path / "deleted.png")  # a broken link is named, not passed over
+    status, out, err = run_main(capsys, trained_try.model, folder)
+    assert status == 1 and err == f"error: {folder / 'gone.png'}: no such image\n"
 
 
 def test_the_command_refuses_a_hostile_checkpoint_without_running_it_or_a_traceback(tmp_path, test_images):
