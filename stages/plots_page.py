@@ -41,6 +41,24 @@ PAGE = """<!DOCTYPE html>
         table {
             border-spacing: 15px;
         }
+        /* dvc-render puts an image plot's revisions side by side at full size in a row that does not wrap,
+           so all but the first hide behind a scrollbar: here they share the page's width, each at least
+           480 px wide (the rest wrap below), scaled down to fit. */
+        div[style*="white-space: nowrap"] {
+            display: flex;
+            flex-wrap: wrap;
+            align-items: flex-start;
+        }
+        div[style*="white-space: nowrap"] > p {
+            flex-basis: 100%;
+        }
+        div[style*="white-space: nowrap"] > div {
+            flex: 1 1 0;
+            min-width: 480px;
+        }
+        div[style*="white-space: nowrap"] img {
+            max-width: 100%;
+        }
     </style>
 </head>
 <body>

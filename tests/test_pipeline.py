@@ -19,7 +19,7 @@ from tests.conftest import (
     run,
     stages_run,
 )
-from tests.test_plots_page import external_scripts
+from tests.test_plots_page import browser, external_scripts
 
 pytestmark = pytest.mark.e2e
 TRIES = ["lenet", "lenet2", "lenet2_aug", "airbench"]
@@ -119,14 +119,11 @@ def test_the_plots_page_needs_no_network(reproduced):
 
 
 def test_the_plots_page_draws_every_chart_in_a_browser_without_a_network(reproduced):
-    browser = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
-    if browser is None:
-        pytest.skip("no Chromium to open the page with (apt-get install chromium)")
     project, _ = reproduced
     dvc("plots", "show", cwd=project)
     page = (project / "dvc_plots" / "index.html").as_uri()
     # A proxy that does not exist: a page that still fetched Vega from the network would stay blank.
-    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--proxy-server=127.0.0.1:9",
+    command = [browser(), "--headless", "--no-sandbox", "--disable-gpu", "--proxy-server=127.0.0.1:9",
                "--virtual-time-budget=10000", "--dump-dom", page]  # fmt: skip
     dom = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
     drawn = re.findall(r'<(?:svg|canvas)[^>]*class="marks"', dom)

@@ -1,12 +1,16 @@
 """The plots page template: Vega inlined so that `dvc plots show` renders without a network."""
 
 import configparser
+import json
 import re
+import shutil
+import subprocess
 
 import pytest
 import vl_convert
 import yaml
-from dvc_render import VegaRenderer, render_html
+from dvc_render import ImageRenderer, VegaRenderer, render_html
+from PIL import Image
 
 from stages.errors import PipelineError
 from stages.plots_page import PAGE_TEMPLATE, VEGA_LITE_VERSION, page_template, write_page_template
@@ -50,6 +54,39 @@ def test_dvc_config_names_the_template_the_stage_writes():
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["plots_page"]
     assert stage["outs"] == [str(PAGE_TEMPLATE)]
     assert "{" + "scripts}" not in page_template(FAKE_BUNDLE)  # DVC's CDN tags would come back through it
+
+
+def browser():
+    """Chromium's command, to open a page as a user would; a test that needs it is skipped without it."""
+    found = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    if found is None:
+        pytest.skip("no Chromium to open the page with (apt-get install chromium)")
+    return found
+
+
+# Once the page has loaded: the window's width and each image's place, in the body for --dump-dom to show.
+MEASURE = """<script>window.addEventListener("load", () => {
+    const boxes = [...document.images].map(image => image.getBoundingClientRect());
+    document.body.dataset.layout = JSON.stringify({window: window.innerWidth,
+        tops: boxes.map(box => box.top), rights: boxes.map(box => box.right), widths: boxes.map(box => box.width)});
+});</script>"""
+
+
+def test_an_image_plots_revisions_share_the_pages_width(tmp_path):
+    """dvc-render lays them out at full size in a row that does not wrap: the second would be off-screen."""
+    Image.new("RGB", (1500, 600), "white").save(tmp_path / "figure.png")
+    revisions = [{"rev": rev, "src": str(tmp_path / "figure.png")} for rev in ("HEAD", "exp-a")]
+    write_page_template(tmp_path / "page.html", FAKE_BUNDLE)
+    render_html([ImageRenderer(revisions, "plots/report/figure.png")], tmp_path / "index.html", tmp_path / "page.html")
+    page = tmp_path / "index.html"
+    page.write_text(page.read_text().replace("</body>", MEASURE + "</body>"))
+    command = [browser(), "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,800",
+               "--virtual-time-budget=5000", "--dump-dom", page.as_uri()]  # fmt: skip
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
+    layout = json.loads(re.search(r'data-layout="([^"]*)"', dom).group(1).replace("&quot;", '"'))
+    assert max(layout["rights"]) <= layout["window"]  # none behind a scrollbar
+    assert layout["tops"][0] == layout["tops"][1]  # side by side, to compare
+    assert all(480 <= width < 600 for width in layout["widths"]), layout  # each scaled to half the page
 
 
 def drawn_svg(data, template, **properties):
