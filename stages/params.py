@@ -42,10 +42,11 @@ class Rule:
     """A check on one value, with the words that tell the user what is allowed; hint follows them where a
     value is wrong (not where it is missing)."""
 
-    def __init__(self, allowed, accepts, hint=""):
+    def __init__(self, allowed, accepts, hint="", choices=()):
         self.allowed = allowed
         self.accepts = accepts
         self.hint = hint
+        self.choices = choices  # the allowed words, where there is a list of them: a typo gets a "did you mean"
 
 
 def _is_int(value):
@@ -57,7 +58,7 @@ def _is_number(value):
 
 
 def one_of(*choices, hint=""):
-    return Rule(f"one of {', '.join(map(repr, choices))}", lambda v: isinstance(v, str) and v in choices, hint)
+    return Rule(f"one of {', '.join(map(repr, choices))}", lambda v: isinstance(v, str) and v in choices, hint, choices)
 
 
 POSITIVE_INT = Rule("an integer > 0", lambda v: _is_int(v) and v > 0)
@@ -271,10 +272,17 @@ def check_mapping(where, mapping, schema, required=(), inherits=False, missing_h
         elif value is None and inherits and key != "model":
             continue
         elif not schema[key].accepts(value):
-            problems.append(f"{where}.{key}: got {value!r}; expected {schema[key].allowed}{schema[key].hint}")
+            problems.append(wrong_value(f"{where}.{key}", value, schema[key]))
     missing = [key for key in required if key not in mapping]
     problems += [f"{where}.{key}: missing; expected {schema[key].allowed}{missing_hint}" for key in missing]
     return problems
+
+
+def wrong_value(where, value, rule):
+    # Case aside, close enough to be a slip ('Adam', 'lenet_2'), not another thing ('tpu' for 'cpu').
+    close = difflib.get_close_matches(value.lower(), rule.choices, n=1, cutoff=0.75) if isinstance(value, str) else []
+    guess = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{where}: got {value!r}{guess}; expected {rule.allowed}{rule.hint}"
 
 
 def _unknown_key(where, key, allowed):

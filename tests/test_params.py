@@ -103,6 +103,11 @@ def test_an_unknown_try_is_named():
             "tries.lenet? a new try needs its model)",
         ),
         (lambda p: p["train"].update(nesterov="yes"), "train.nesterov: got 'yes'; expected true or false"),
+        (
+            lambda p: p["tries"]["x"].update(model="lenet_2"),
+            "tries.x.model: got 'lenet_2' (did you mean 'lenet2'?); expected one of 'lenet', 'lenet2'",
+        ),
+        (lambda p: p["train"].update(optimizer="Adam"), "train.optimizer: got 'Adam' (did you mean 'adam'?); expected"),
         (lambda p: p["train"].update(norm_bias_lr=0), "train.norm_bias_lr: got 0; expected a number > 0"),
         (lambda p: p["train"].update(muon_lr=-0.1), "train.muon_lr: got -0.1; expected a number >= 0"),
         (lambda p: p["tries"]["x"].update(muon_momentum=1), "tries.x.muon_momentum: got 1; expected a number >= 0"),
