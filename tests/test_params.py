@@ -1,13 +1,14 @@
 """params.yaml: the shipped file is valid, tries inherit from train, and every mistake is named."""
 
 import copy
+import shutil
 
 import pytest
 
 from stages.configure import write_try_configs
 from stages.errors import ParamsError, PipelineError
 from stages.params import PARAMS_FILE, check_params, load_params, read_try_config, resolve_try, try_config
-from tests.conftest import ROOT
+from tests.conftest import ROOT, dvc, run
 
 
 @pytest.fixture
@@ -286,3 +287,21 @@ def test_each_problem_is_named_once_where_it_is(params, change, named):
     params["tries"] = {"x": {"model": "lenet"}}
     change(params)
     assert [problem.split(":")[0] for problem in check_params(params)] == named
+
+
+@pytest.mark.e2e
+def test_exp_run_set_changes_only_the_lines_of_the_values_it_sets(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml: the shipped file is in the form DVC writes (lists in block
+    style), so the diff a user sees after an experiment is the values set and nothing else. A toy stage
+    that reads params keeps it to DVC's own work."""
+    shutil.copy(ROOT / "params.yaml", tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  echo:\n    cmd: echo > out\n    params: [train]\n    outs: [out]\n")
+    run(["git", "init", "-q"], cwd=tmp_path)
+    dvc("init", "-q", cwd=tmp_path)
+    run(["git", "add", "-A"], cwd=tmp_path)
+    run(["git", "commit", "-qm", "shipped params"], cwd=tmp_path)
+    dvc("exp", "run", "-S", "train.lr=0.002", "-S", "tries.airbench.widths=[16,64,128]", cwd=tmp_path)
+    diff = run(["git", "diff", "-U0", "params.yaml"], cwd=tmp_path).stdout
+    changed = [line for line in diff.splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    values = [line[0] + line[1:].split("#")[0].strip() for line in changed]  # the sign, then the value alone
+    assert values == ["-lr: 0.001", "+lr: 0.002", "-- 32", "+- 16"]
