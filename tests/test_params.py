@@ -8,7 +8,7 @@ import pytest
 from stages.configure import write_try_configs
 from stages.errors import ParamsError, PipelineError
 from stages.params import PARAMS_FILE, check_params, load_params, read_try_config, resolve_try, try_config
-from tests.conftest import ROOT, dvc, run
+from tests.conftest import ROOT, SHIPPED_TRIES, dvc, run
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def test_shipped_params_are_valid_and_hold_the_posts_settings(params):
         "lr": 0.001,
         "optimizer": "adam",
     }
-    assert list(params["tries"]) == ["lenet", "lenet2", "lenet2_aug", "airbench"]
+    assert list(params["tries"]) == SHIPPED_TRIES
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import yaml
 
 from tests.conftest import (
     ROOT,
+    SHIPPED_TRIES,
     dvc,
     edit_params,
     make_project,
@@ -21,9 +22,8 @@ from tests.conftest import (
 from tests.test_plots_page import browser, external_scripts
 
 pytestmark = pytest.mark.e2e
-TRIES = ["lenet", "lenet2", "lenet2_aug", "airbench"]
 # The Vega charts on the plots page: dvc.yaml's two overlays and each try's confusion matrix.
-PAGE_PLOTS = ["validation accuracy", "validation loss", *(f"{t} confusion matrix" for t in TRIES)]
+PAGE_PLOTS = ["validation accuracy", "validation loss", *(f"{t} confusion matrix" for t in SHIPPED_TRIES)]
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +43,11 @@ def test_repro_runs_every_stage_and_writes_outputs(reproduced):
     assert set(stages_run(result.stdout)) == {
         "download",
         "configure",
-        *(f"train@{t}" for t in TRIES),
+        *(f"train@{t}" for t in SHIPPED_TRIES),
         "report",
         "plots_page",
     }
-    for name in TRIES:
+    for name in SHIPPED_TRIES:
         with open(project / "plots" / name / "history.csv") as f:
             rows = list(csv.DictReader(f))
         assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
@@ -66,7 +66,7 @@ def test_metrics_show_lists_every_try_and_training_learns(reproduced):
     project, _ = reproduced
     shown = json.loads(dvc("metrics", "show", "--json", cwd=project).stdout)
     metrics = next(iter(shown.values()))["data"]
-    for name in TRIES:
+    for name in SHIPPED_TRIES:
         values = metrics[f"metrics/{name}.json"]["data"]
         # Ten classes: chance is 10%; the archive's classes differ by colour, which every try can learn.
         assert values["val"]["acc"] > 50, (name, values)
@@ -77,7 +77,7 @@ def test_the_readmes_exp_show_table_has_every_params_key_and_each_trys_accuracy_
     project, _ = reproduced
     command = readme_command("dvc exp show --drop '.*' --keep 'Experiment|Created|")
     columns = next(csv.reader(io.StringIO(dvc(*command[1:], "--csv", cwd=project).stdout)))
-    shown = [f"metrics/{name}.json:{metric}" for name in TRIES for metric in ("val.acc", "seconds")]
+    shown = [f"metrics/{name}.json:{metric}" for name in SHIPPED_TRIES for metric in ("val.acc", "seconds")]
     params_keys = flat_keys(yaml.safe_load((project / "params.yaml").read_text()))
     assert sorted(columns) == sorted(["Experiment", "Created", *shown, *params_keys])
 

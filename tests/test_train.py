@@ -27,7 +27,17 @@ from stages.loop import (
 from stages.models import build_model
 from stages.params import load_params, resolve_try
 from stages.train import fit_first_layer, freeze_whitening_bias, summarise, train
-from tests.conftest import DEVICES, GPUS, ON_CPU, ROOT, SMALL_DATA_TRIES, outputs_in, same_weights, without_time
+from tests.conftest import (
+    DEVICES,
+    GPUS,
+    ON_CPU,
+    ROOT,
+    SHIPPED_TRIES,
+    SMALL_DATA_TRIES,
+    outputs_in,
+    same_weights,
+    without_time,
+)
 
 QUICK = {"epochs": 2, "batch_size": 64, **ON_CPU}  # 64 does not divide 1,000: the last batch is partial
 
@@ -53,7 +63,7 @@ SETUPS = [(device, False) for device in DEVICES] + [("cuda", True)] * ("cuda" in
 
 
 @pytest.mark.parametrize("device, amp", SETUPS, ids=[f"{d}{'-amp' * amp}" for d, amp in SETUPS])
-@pytest.mark.parametrize("name", ["lenet", "lenet2", "lenet2_aug", "airbench"])
+@pytest.mark.parametrize("name", SHIPPED_TRIES)
 def test_a_try_learns_and_writes_every_output(tmp_path, params, dataset, name, device, amp):
     metrics, outputs = run_try(params, dataset, tmp_path, name, device=device, amp=amp)
     assert metrics["val"]["acc"] > 50  # chance is 10%
