@@ -4,7 +4,7 @@ Reads data/cifar10/ and configs/<try>.yaml, the try's effective config that the 
 stage writes (`train` overlaid with `tries.<try>`, plus `augment` when the try augments). Writes:
   models/<try>.pt                 state dict, effective config, class names, history, and the final
                                   evaluation's class probabilities of the test images (for the report)
-  metrics/<try>.json              last epoch's train/val loss and accuracy, best epoch, size, time
+  metrics/<try>.json              last epoch's train/val loss and accuracy, best epoch, size, time, device and threads
   plots/<try>/history.csv         epoch,train_loss,train_acc,val_loss,val_acc
   plots/<try>/predictions.csv     actual,predicted class of every test image
 
@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
@@ -77,7 +78,7 @@ def train(config, recipe, dataset, outputs, name="try", stop_if_abandoned=lambda
         freeze_whitening_bias(model, config, epoch)
         row, final = run_epoch(epoch, model, updates, data, config, generator, augment, name)
         history.append(row)
-    metrics = summarise(history, count_parameters(model), time.perf_counter() - started)
+    metrics = summarise(history, count_parameters(model), time.perf_counter() - started, device)
     stop_if_abandoned()
     write_outputs(outputs, model, config, dataset.classes, history, final, dataset.test.labels, metrics)
     return metrics
@@ -89,19 +90,43 @@ def stop_when_dvc_exits():
     training on, to write outputs that dvc.lock never records. Outside DVC (no DVC_STAGE, which dvc sets
     for the commands it runs) it checks nothing.
 
-    dvc runs the command with $SHELL -c; bash and zsh hand over to a lone command, so our parent is dvc.
-    dash (Debian's /bin/sh, taken when SHELL is unset) stays our parent and outlives dvc: nothing is seen.
+    dvc runs the command with `$SHELL -c`. bash and zsh hand over to a lone command, so our parent is dvc;
+    dash (Debian's /bin/sh, taken when SHELL is unset) stays between, and outlives dvc: then the shell's
+    own parent is watched too (on Linux, through /proc; elsewhere only our parent is).
     """
     stage = os.environ.get("DVC_STAGE")
     if stage is None:
         return lambda: None
     parent = os.getppid()
+    links = [(os.getpid(), parent)]  # (process, the parent it had when the stage started), up to dvc
+    if runs_a_shell_command(parent):
+        links.append((parent, parent_of(parent)))
 
     def check():
-        if os.getppid() != parent:
+        if any(parent_of(pid) != its_parent for pid, its_parent in links):
             raise PipelineError(f"{stage}: dvc, which ran this stage, has exited; stopped without writing outputs")
 
     return check
+
+
+def parent_of(pid):
+    """pid's parent process, or None where it has gone (or this system has no /proc)."""
+    if pid == os.getpid():
+        return os.getppid()
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # "pid (name) state ppid ...": the name may hold spaces
+
+
+def runs_a_shell_command(pid):
+    """Whether pid is a shell running a command line (`... -c <command>`), as dvc starts one."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+    except OSError:
+        return False
+    return len(args) >= 3 and args[-2] == b"-c"
 
 
 def fit_first_layer(model, split):
@@ -182,7 +207,9 @@ def is_out_of_memory(error):
     return isinstance(error, torch.cuda.OutOfMemoryError) or str(error).startswith("MPS backend out of memory")
 
 
-def summarise(history, parameters, seconds):
+def summarise(history, parameters, seconds, device):
+    """The metrics file's contents. Where the try computed goes with them: the device and the CPU threads decide
+    the order in which sums add up, so a run repeats another bit for bit only on the same of both."""
     last = history[-1]
     best = max(history, key=lambda row: row["val_acc"])
     return {
@@ -192,6 +219,8 @@ def summarise(history, parameters, seconds):
         "epochs": len(history),
         "parameters": parameters,
         "seconds": round(seconds, 1),
+        "device": device.type,
+        "threads": torch.get_num_threads(),
     }
 
 

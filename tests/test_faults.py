@@ -218,12 +218,17 @@ def test_ctrl_c_stops_a_stage_with_one_line_and_ends_it_by_sigint(downloaded):
     assert not (downloaded / "metrics").exists() and not (downloaded / "models").exists()
 
 
+# The shells dvc may run a stage with: bash hands over to the stage, /bin/sh (dash on Debian, taken when SHELL
+# is unset) stays between them (see stop_when_dvc_exits).
+SHELLS = {"bash": {"SHELL": shutil.which("bash")}, "sh": {}}
+
+
 @pytest.mark.e2e
-def test_a_training_stage_stops_without_writing_when_dvc_is_killed_on_its_own(project):
-    # SIGTERM to dvc alone, as `kill <pid>` sends it; under bash, which hands over to the stage (see
-    # stop_when_dvc_exits), whatever shell runs the tests.
-    bash = {**tool_env(), "SHELL": shutil.which("bash")}
-    output = repro_lenet_stopped_at_epoch_2(project, lambda repro: repro.terminate(), env=bash)
+@pytest.mark.parametrize("shell", SHELLS)
+def test_a_training_stage_stops_without_writing_when_dvc_is_killed_on_its_own(project, shell):
+    # SIGTERM to dvc alone, as `kill <pid>` sends it.
+    env = {key: value for key, value in tool_env().items() if key != "SHELL"} | SHELLS[shell]
+    output = repro_lenet_stopped_at_epoch_2(project, lambda repro: repro.terminate(), env=env)
     assert "train@lenet: dvc, which ran this stage, has exited; stopped without writing outputs" in "".join(output)
     assert not any(line.startswith("epoch  4/6") for line in output)
     assert not (project / "metrics" / "lenet.json").exists() and not (project / "models" / "lenet.pt").exists()

@@ -67,7 +67,7 @@ SETUPS = [(device, False) for device in DEVICES] + [("cuda", True)] * ("cuda" in
 def test_a_try_learns_and_writes_every_output(tmp_path, params, dataset, name, device, amp):
     metrics, outputs = run_try(params, dataset, tmp_path, name, device=device, amp=amp)
     assert metrics["val"]["acc"] > 50  # chance is 10%
-    assert json.loads(outputs.metrics.read_text()) == metrics
+    assert json.loads(outputs.metrics.read_text()) == metrics and metrics["device"] == device
     with open(outputs.history) as f:
         history = list(csv.DictReader(f))
     assert [row["epoch"] for row in history] == ["1", "2"]
@@ -90,6 +90,17 @@ def test_a_try_learns_and_writes_every_output(tmp_path, params, dataset, name, d
     answers = evaluate(model.model, dataset.test, tta=model.config["tta"])["predictions"]
     agree = sum(dataset.classes[a] == row["predicted"] for a, row in zip(answers.tolist(), predictions, strict=True))
     assert agree >= (300 if device == "cpu" and not amp else 290), agree  # a GPU's rounding may flip a close call
+
+
+def test_the_metrics_name_the_cpu_threads_that_computed(tmp_path, params, dataset):
+    threads = torch.get_num_threads()
+    other = 1 if threads > 1 else 2
+    torch.set_num_threads(other)
+    try:
+        metrics, _ = run_try(params, dataset, tmp_path, "lenet", epochs=1, device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert metrics["threads"] == other
 
 
 # On a GPU the 4th try too: its Muon steps and BatchNorm take kernels of their own there.
@@ -178,7 +189,7 @@ def test_an_epochs_loss_and_accuracy_are_over_every_image_with_its_own_label(dat
 def test_the_metrics_name_the_best_epoch_as_well_as_the_last():
     history = [{"epoch": e, "train_loss": 1.0, "train_acc": 50.0, "val_loss": 1.0, "val_acc": acc}
                for e, acc in [(1, 60.0), (2, 71.5), (3, 70.25)]]  # fmt: skip
-    metrics = summarise(history, parameters=1234, seconds=5.04)
+    metrics = summarise(history, parameters=1234, seconds=5.04, device=torch.device("cpu"))
     assert metrics["val"]["acc"] == 70.25 and metrics["best"] == {"epoch": 2, "val_acc": 71.5}
     assert (metrics["epochs"], metrics["parameters"], metrics["seconds"]) == (3, 1234, 5.0)
 
