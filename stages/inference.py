@@ -6,7 +6,8 @@ it sees a try's predictions as training did. The report stage reads checkpoints 
 takes the test images' probabilities that training saved in them.
 
     checkpoint = load_checkpoint("models/lenet2.pt")    # written by stages/train.py
-    probabilities = predict_probabilities(checkpoint.model, images)  # uint8 (B, 3, 32, 32) -> (B, 10)
+    views = test_time_views(checkpoint)               # the try's tta: what its final evaluation averaged
+    probabilities = predict_probabilities(checkpoint.model, images, views)  # uint8 (B, 3, 32, 32) -> (B, 10)
 
 A checkpoint is read with torch.load(weights_only=True): tensors, numbers, strings, lists
 and dicts only, so a file whose pickle would run code is refused without running it.

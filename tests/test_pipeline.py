@@ -32,8 +32,8 @@ def reproduced(tmp_path_factory, http_server, small_archive):
     path, md5 = small_archive
     project = make_project(tmp_path_factory.mktemp("e2e") / "project", f"{http_server}/{path.name}", md5)
     result = dvc("repro", cwd=project)
-    # As a user would before experimenting: commit dvc.lock, so HEAD names the baseline.
-    run(["git", "add", "-A"], cwd=project)
+    # As the README has a user do before experimenting: commit dvc.lock, so HEAD names the baseline.
+    run(readme_command("git add dvc.lock"), cwd=project)
     run(["git", "commit", "-qm", "baseline"], cwd=project)
     return project, result
 
@@ -60,6 +60,8 @@ def test_repro_runs_every_stage_and_writes_outputs(reproduced):
     figures = {p.name for p in (project / "plots" / "report").iterdir()}
     assert {"samples.png", "val_acc_by_try.png", "accuracy_by_class.png"} <= figures
     assert (project / "plots" / "page_template.html").stat().st_size > 500_000  # Vega, Vega-Lite, vega-embed
+    # The README's `git add` committed all that Git should hold of the run: nothing is left to add.
+    assert run(["git", "status", "--porcelain"], cwd=project).stdout == ""
 
 
 def test_metrics_show_lists_every_try_and_training_learns(reproduced):
