@@ -106,6 +106,7 @@ TRAIN_SCHEMA = {
     "tta": one_of(*TTA_MODES),
     "seed": NON_NEGATIVE_INT,
     "device": one_of(*DEVICES),
+    "threads": NON_NEGATIVE_INT,
     "amp": BOOLEAN,
 }
 AUGMENT_SCHEMA = {

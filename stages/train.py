@@ -51,6 +51,8 @@ def train(config, recipe, dataset, outputs, name="try", stop_if_abandoned=lambda
     called before each epoch and before writing, to raise when nothing wants the outputs any more.
     """
     started = time.perf_counter()
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])  # for the rest of this process: a stage trains one try
     device = pick_device(config["device"])
     keep_freed_memory()
     torch.manual_seed(config["seed"])  # weight init and dropout

@@ -42,6 +42,7 @@ TRAIN_VALUES = {
     "tta": st.sampled_from(TTA_MODES),
     "seed": st.integers(0, 2**31),
     "device": st.sampled_from(DEVICES),
+    "threads": st.integers(0, 256),
     "amp": st.booleans(),
 }
 AUGMENT_VALUES = {

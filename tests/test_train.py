@@ -67,7 +67,8 @@ SETUPS = [(device, False) for device in DEVICES] + [("cuda", True)] * ("cuda" in
 def test_a_try_learns_and_writes_every_output(tmp_path, params, dataset, name, device, amp):
     metrics, outputs = run_try(params, dataset, tmp_path, name, device=device, amp=amp)
     assert metrics["val"]["acc"] > 50  # chance is 10%
-    assert json.loads(outputs.metrics.read_text()) == metrics and metrics["device"] == device
+    assert json.loads(outputs.metrics.read_text()) == metrics
+    assert metrics["device"] == device and metrics["threads"] == torch.get_num_threads()  # threads: 0 leaves them
     with open(outputs.history) as f:
         history = list(csv.DictReader(f))
     assert [row["epoch"] for row in history] == ["1", "2"]
@@ -92,14 +93,14 @@ def test_a_try_learns_and_writes_every_output(tmp_path, params, dataset, name, d
     assert agree >= (300 if device == "cpu" and not amp else 290), agree  # a GPU's rounding may flip a close call
 
 
-def test_the_metrics_name_the_cpu_threads_that_computed(tmp_path, params, dataset):
-    threads = torch.get_num_threads()
-    other = 1 if threads > 1 else 2
-    torch.set_num_threads(other)
+def test_the_threads_param_sets_the_cpu_threads_and_the_metrics_name_them(tmp_path, params, dataset):
+    default = torch.get_num_threads()
+    other = 1 if default > 1 else 2
     try:
-        metrics, _ = run_try(params, dataset, tmp_path, "lenet", epochs=1, device="cpu")
+        metrics, _ = run_try(params, dataset, tmp_path, "lenet", epochs=1, device="cpu", threads=other)
+        assert torch.get_num_threads() == other
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(default)
     assert metrics["threads"] == other
 
 
