@@ -80,7 +80,8 @@ def train(config, recipe, dataset, outputs, name="try", stop_if_abandoned=lambda
         freeze_whitening_bias(model, config, epoch)
         row, final = run_epoch(epoch, model, updates, data, config, generator, augment, name)
         history.append(row)
-    metrics = summarise(history, count_parameters(model), time.perf_counter() - started, device)
+    seconds = time.perf_counter() - started
+    metrics = summarise(history, count_parameters(model), seconds, device, torch.get_num_threads())
     stop_if_abandoned()
     write_outputs(outputs, model, config, dataset.classes, history, final, dataset.test.labels, metrics)
     return metrics
@@ -94,14 +95,15 @@ def stop_when_dvc_exits():
 
     dvc runs the command with `$SHELL -c`. bash and zsh hand over to a lone command, so our parent is dvc;
     dash (Debian's /bin/sh, taken when SHELL is unset) stays between, and outlives dvc: then the shell's
-    own parent is watched too (on Linux, through /proc; elsewhere only our parent is).
+    own parent is watched too (on Linux, through /proc; elsewhere only our parent is). On Windows, where
+    cmd.exe stays between and a process keeps its parent's id after the parent exits, nothing is seen.
     """
     stage = os.environ.get("DVC_STAGE")
     if stage is None:
         return lambda: None
     parent = os.getppid()
     links = [(os.getpid(), parent)]  # (process, the parent it had when the stage started), up to dvc
-    if runs_a_shell_command(parent):
+    if runs_a_shell_command(parent, sys.orig_argv[1:]):
         links.append((parent, parent_of(parent)))
 
     def check():
@@ -122,13 +124,15 @@ def parent_of(pid):
     return int(stat.rsplit(")", 1)[1].split()[1])  # "pid (name) state ppid ...": the name may hold spaces
 
 
-def runs_a_shell_command(pid):
-    """Whether pid is a shell running a command line (`... -c <command>`), as dvc starts one."""
+def runs_a_shell_command(pid, arguments):
+    """Whether pid is a shell running a command line that ends in arguments (`sh -c 'python -m stages.train
+    lenet'` for ours, as dvc starts it), rather than, say, dvc itself started as `python -c ...`."""
     try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
     except OSError:
         return False
-    return len(args) >= 3 and args[-2] == b"-c"
+    # dvc.yaml's commands have no quoting: splitting on spaces gives their arguments.
+    return len(args) >= 3 and args[-2] == "-c" and args[-1].split()[-len(arguments) :] == arguments
 
 
 def fit_first_layer(model, split):
@@ -209,7 +213,7 @@ def is_out_of_memory(error):
     return isinstance(error, torch.cuda.OutOfMemoryError) or str(error).startswith("MPS backend out of memory")
 
 
-def summarise(history, parameters, seconds, device):
+def summarise(history, parameters, seconds, device, threads):
     """The metrics file's contents. Where the try computed goes with them: the device and the CPU threads decide
     the order in which sums add up, so a run repeats another bit for bit only on the same of both."""
     last = history[-1]
@@ -222,7 +226,7 @@ def summarise(history, parameters, seconds, device):
         "parameters": parameters,
         "seconds": round(seconds, 1),
         "device": device.type,
-        "threads": torch.get_num_threads(),
+        "threads": threads,
     }
 
 

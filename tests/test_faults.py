@@ -234,6 +234,24 @@ def test_a_training_stage_stops_without_writing_when_dvc_is_killed_on_its_own(pr
     assert not (project / "metrics" / "lenet.json").exists() and not (project / "models" / "lenet.pt").exists()
 
 
+def test_the_shell_between_dvc_and_a_stage_is_told_apart_and_its_parent_read(tmp_path):
+    named_oddly = tmp_path / "sl) eep"  # /proc/<pid>/stat puts the name in parentheses
+    named_oddly.symlink_to(shutil.which("sleep"))
+    shell = subprocess.Popen(["sh", "-c", "sleep 30; :"])  # `; :` keeps any shell in between, as dash does
+    others = [subprocess.Popen([str(named_oddly), "30"]), subprocess.Popen(["sleep", "30"])]
+    try:
+        assert train_stage.runs_a_shell_command(shell.pid, ["30;", ":"])
+        assert not train_stage.runs_a_shell_command(shell.pid, ["-m", "stages.train", "lenet"])  # not this stage's
+        assert not any(train_stage.runs_a_shell_command(other.pid, ["30"]) for other in others)
+        assert all(train_stage.parent_of(child.pid) == os.getpid() for child in [shell, *others])
+        assert train_stage.parent_of(os.getpid()) == os.getppid()
+    finally:
+        for child in [shell, *others]:
+            child.kill()
+            child.wait()
+    assert train_stage.parent_of(shell.pid) is None  # gone
+
+
 # pickle's ways in: each runs whatever a file asks for.
 UNPICKLERS = {f"{module}.{name}" for module in ("pickle", "_pickle") for name in ("load", "loads", "Unpickler")}
 TORCH_LOADS = {"torch.load", "torch.serialization.load"}  # safe with weights_only=True only

@@ -35,6 +35,8 @@ def reproduced(tmp_path_factory, http_server, small_archive):
     # As the README has a user do before experimenting: commit dvc.lock, so HEAD names the baseline.
     run(readme_command("git add dvc.lock"), cwd=project)
     run(["git", "commit", "-qm", "baseline"], cwd=project)
+    # The README's `git add` took all that Git should hold of the run: nothing is left to add.
+    assert run(["git", "status", "--porcelain"], cwd=project).stdout == ""
     return project, result
 
 
@@ -60,8 +62,6 @@ def test_repro_runs_every_stage_and_writes_outputs(reproduced):
     figures = {p.name for p in (project / "plots" / "report").iterdir()}
     assert {"samples.png", "val_acc_by_try.png", "accuracy_by_class.png"} <= figures
     assert (project / "plots" / "page_template.html").stat().st_size > 500_000  # Vega, Vega-Lite, vega-embed
-    # The README's `git add` committed all that Git should hold of the run: nothing is left to add.
-    assert run(["git", "status", "--porcelain"], cwd=project).stdout == ""
 
 
 def test_metrics_show_lists_every_try_and_training_learns(reproduced):

@@ -28,7 +28,7 @@ def machines(tmp_path_factory, http_server, small_archive):
     # Committed before any experiment: `dvc exp push` reads the DVC remote from the experiment's commit.
     dvc("remote", "add", "-d", "shared", str(root / "dvc-storage"), cwd=a)
     dvc("repro", cwd=a)
-    run(["git", "add", ".dvc/config", "dvc.lock", "*.gitignore"], cwd=a)  # as the README commits them
+    run(["git", "add", ".dvc/config", "dvc.lock", "*.gitignore"], cwd=a)  # the README's two commits in one
     run(["git", "commit", "-qm", "baseline and shared remote"], cwd=a)
     dvc("push", "--run-cache", cwd=a)
     run(["git", "push", "-q", "-u", "origin", "HEAD"], cwd=a)

@@ -65,10 +65,11 @@ SETUPS = [(device, False) for device in DEVICES] + [("cuda", True)] * ("cuda" in
 @pytest.mark.parametrize("device, amp", SETUPS, ids=[f"{d}{'-amp' * amp}" for d, amp in SETUPS])
 @pytest.mark.parametrize("name", SHIPPED_TRIES)
 def test_a_try_learns_and_writes_every_output(tmp_path, params, dataset, name, device, amp):
+    threads = torch.get_num_threads()
     metrics, outputs = run_try(params, dataset, tmp_path, name, device=device, amp=amp)
     assert metrics["val"]["acc"] > 50  # chance is 10%
     assert json.loads(outputs.metrics.read_text()) == metrics
-    assert metrics["device"] == device and metrics["threads"] == torch.get_num_threads()  # threads: 0 leaves them
+    assert metrics["device"] == device and metrics["threads"] == torch.get_num_threads() == threads  # threads: 0
     with open(outputs.history) as f:
         history = list(csv.DictReader(f))
     assert [row["epoch"] for row in history] == ["1", "2"]
@@ -190,9 +191,10 @@ def test_an_epochs_loss_and_accuracy_are_over_every_image_with_its_own_label(dat
 def test_the_metrics_name_the_best_epoch_as_well_as_the_last():
     history = [{"epoch": e, "train_loss": 1.0, "train_acc": 50.0, "val_loss": 1.0, "val_acc": acc}
                for e, acc in [(1, 60.0), (2, 71.5), (3, 70.25)]]  # fmt: skip
-    metrics = summarise(history, parameters=1234, seconds=5.04, device=torch.device("cpu"))
+    metrics = summarise(history, parameters=1234, seconds=5.04, device=torch.device("cuda"), threads=3)
     assert metrics["val"]["acc"] == 70.25 and metrics["best"] == {"epoch": 2, "val_acc": 71.5}
     assert (metrics["epochs"], metrics["parameters"], metrics["seconds"]) == (3, 1234, 5.0)
+    assert (metrics["device"], metrics["threads"]) == ("cuda", 3)
 
 
 def test_the_predictions_file_holds_the_models_own_answers(tmp_path, params, dataset):
