@@ -6,6 +6,7 @@ import http.server
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -175,6 +176,12 @@ def make_project(dest, url, md5, train=E2E_TRAIN, tries=None, stages=None):
     run(["git", "add", "-A"], cwd=dest)
     run(["git", "commit", "-qm", "project"], cwd=dest)
     return dest
+
+
+def readme_command(start):
+    """The arguments of the README's command line that starts with start, its comment left out."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    return shlex.split(next(line for line in lines if line.startswith(start)), comments=True)
 
 
 def stages_run(output):

@@ -4,18 +4,17 @@ import csv
 import io
 import json
 import re
-import shlex
 import subprocess
 
 import pytest
 import yaml
 
 from tests.conftest import (
-    ROOT,
     SHIPPED_TRIES,
     dvc,
     edit_params,
     make_project,
+    readme_command,
     run,
     stages_run,
 )
@@ -82,12 +81,6 @@ def test_the_readmes_exp_show_table_has_every_params_key_and_each_trys_accuracy_
     shown = [f"metrics/{name}.json:{metric}" for name in SHIPPED_TRIES for metric in ("val.acc", "seconds")]
     params_keys = flat_keys(yaml.safe_load((project / "params.yaml").read_text()))
     assert sorted(columns) == sorted(["Experiment", "Created", *shown, *params_keys])
-
-
-def readme_command(start):
-    """The arguments of the README's command line that starts with start, its comment left out."""
-    lines = (ROOT / "README.md").read_text().splitlines()
-    return shlex.split(next(line for line in lines if line.startswith(start)), comments=True)
 
 
 def flat_keys(mapping, prefix=""):

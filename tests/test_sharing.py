@@ -9,7 +9,18 @@ import json
 import pytest
 import yaml
 
-from tests.conftest import S3_BUCKET, S3_KEYS, S3_REGION, dvc, edit_params, exp_show, make_project, run, stages_run
+from tests.conftest import (
+    S3_BUCKET,
+    S3_KEYS,
+    S3_REGION,
+    dvc,
+    edit_params,
+    exp_show,
+    make_project,
+    readme_command,
+    run,
+    stages_run,
+)
 
 pytestmark = pytest.mark.e2e
 LEAN = {"epochs": 1, "batch_size": 100}
@@ -28,7 +39,8 @@ def machines(tmp_path_factory, http_server, small_archive):
     # Committed before any experiment: `dvc exp push` reads the DVC remote from the experiment's commit.
     dvc("remote", "add", "-d", "shared", str(root / "dvc-storage"), cwd=a)
     dvc("repro", cwd=a)
-    run(["git", "add", ".dvc/config", "dvc.lock", "*.gitignore"], cwd=a)  # the README's two commits in one
+    run(["git", "add", ".dvc/config"], cwd=a)  # the README's two commits in one
+    run(readme_command("git add dvc.lock"), cwd=a)
     run(["git", "commit", "-qm", "baseline and shared remote"], cwd=a)
     dvc("push", "--run-cache", cwd=a)
     run(["git", "push", "-q", "-u", "origin", "HEAD"], cwd=a)
