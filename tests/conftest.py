@@ -136,8 +136,17 @@ def tool_env():
     return {**os.environ, "PATH": path, **quiet, **GIT_IDENTITY}
 
 
-def run(args, cwd, check=True):
-    result = subprocess.run(args, cwd=cwd, env=tool_env(), capture_output=True, text=True)
+# A command that takes longer has hung (DVC's queue can: treeverse/dvc#10398), and fails instead of
+# holding up the suite.
+COMMAND_TIMEOUT = 900
+
+
+def run(args, cwd, check=True, timeout=COMMAND_TIMEOUT):
+    try:
+        result = subprocess.run(args, cwd=cwd, env=tool_env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as hung:  # its output so far comes as bytes
+        output = "\n".join((part or b"").decode(errors="replace") for part in (hung.stdout, hung.stderr))
+        raise AssertionError(f"{' '.join(map(str, args))} did not finish in {timeout} s:\n{output}") from None
     if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(map(str, args))} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
@@ -216,12 +225,20 @@ def same_weights(*outputs):
 
 
 def run_queue(project, jobs=2, timeout=600):
-    """`dvc queue start -j jobs`, then waits until nothing is queued or running."""
-    dvc("queue", "start", "-j", str(jobs), cwd=project)
+    """`dvc queue start -j jobs`, waits until nothing is queued or running, then stops the workers.
+
+    `queue start` writes to a file, not to pipes: its workers inherit its stdout and stderr, so reading
+    them would wait for the last worker to exit, which a known DVC bug can keep from ever happening (a
+    worker whose monitor died on a half-written message stays idle for good: treeverse/dvc#10398)."""
+    log = project / ".dvc" / "tmp" / "queue-start.log"
+    with log.open("w") as out:
+        command = [sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)]
+        started = subprocess.run(command, cwd=project, env=tool_env(), stdout=out, stderr=subprocess.STDOUT)
+    assert started.returncode == 0, log.read_text()
     try:
         deadline = time.monotonic() + timeout
-        while re.search(r"\b(Queued|Running)\b", dvc("queue", "status", cwd=project).stdout):
-            assert time.monotonic() < deadline, f"queued experiments did not finish in {timeout} s"
+        while re.search(r"\b(Queued|Running)\b", status := dvc("queue", "status", cwd=project).stdout):
+            assert time.monotonic() < deadline, f"queued experiments did not finish in {timeout} s:\n{status}"
             time.sleep(3)
     finally:
         dvc("queue", "stop", cwd=project, check=False)
