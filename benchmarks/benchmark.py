@@ -166,7 +166,7 @@ def floor_steps(config, model, optimizer, ready):
 
 
 def positive_int(text):
-    """An argparse type: a count of images or rounds."""
+    """An argparse type: a count of images, rounds or threads."""
     try:
         value = int(text)
     except ValueError:
@@ -186,6 +186,8 @@ def parse_args(argv, params_path=PARAMS_FILE):
     parser.add_argument("--rounds", type=positive_int, default=3, help="alternating rounds; the median is printed")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--tries", nargs="+", help="tries of params.yaml to run (default: all)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads torch computes on, as train.threads sets "
+                        "them for training (default: torch's own, one per core)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.archive and not Path(args.archive).is_file():
         parser.error(f"--archive: no such file: {args.archive}")
@@ -204,6 +206,8 @@ def parse_args(argv, params_path=PARAMS_FILE):
 def main(argv=None):
     args, params = parse_args(argv)
     device = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     keep_freed_memory()  # as stages.train does; the post's loop gets it too, which can only flatter the post
     train, test = load_images(args.archive, args.train_images, args.test_images)
     print(f"machine: {platform.processor() or platform.machine()}, {describe(device)}, torch {torch.__version__}")
@@ -225,7 +229,8 @@ def main(argv=None):
 def describe(device):
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}"
-    return f"{device.type}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{device.type}, {threads} thread{'s' * (threads != 1)}"
 
 
 if __name__ == "__main__":

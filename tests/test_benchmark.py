@@ -16,9 +16,11 @@ ROW = re.compile(r"^(\w+) +(\d+) +(\d+) +([\d.]+)x +([\d.]+) +([\d.]+) +([+-][\d
 def test_the_benchmark_prints_speed_up_and_floor_for_each_try_asked(small_archive):
     archive, _ = small_archive
     command = [sys.executable, "-m", "benchmarks.benchmark", "--archive", archive, "--train-images", "200",
-               "--test-images", "100", "--rounds", "1", "--tries", "lenet", "lenet2_aug", "airbench"]  # fmt: skip
+               "--test-images", "100", "--rounds", "1", "--tries", "lenet", "lenet2_aug", "airbench",
+               "--threads", "2"]  # fmt: skip
     lines = run(command, cwd=ROOT).stdout.splitlines()
-    assert lines[0].startswith("machine: ") and "200 training + 100 test" in lines[1]
+    assert lines[0].startswith("machine: ") and ", cpu, 2 threads, torch " in lines[0]  # not the tests' 1
+    assert "200 training + 100 test" in lines[1]
     rows = {match[1]: match for match in map(ROW.match, lines[3:]) if match}
     assert list(rows) == ["lenet", "lenet2_aug", "airbench"], lines
     for name, row in rows.items():
@@ -31,6 +33,7 @@ def test_the_benchmark_prints_speed_up_and_floor_for_each_try_asked(small_archiv
     [
         (["--rounds", "0"], "argument --rounds: expected an integer > 0, got '0'"),
         (["--train-images", "many"], "argument --train-images: expected an integer > 0, got 'many'"),
+        (["--threads", "0"], "argument --threads: expected an integer > 0, got '0'"),
         (["--tries", "nope", "lenet"], "--tries: nope not in params.yaml; its tries are lenet, lenet2,"),
         (["--archive", "missing.tar.gz"], "--archive: no such file: missing.tar.gz"),
     ],
