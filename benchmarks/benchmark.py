@@ -187,7 +187,7 @@ def parse_args(argv, params_path=PARAMS_FILE):
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--tries", nargs="+", help="tries of params.yaml to run (default: all)")
     parser.add_argument("--threads", type=positive_int, help="CPU threads torch computes on, as train.threads sets "
-                        "them for training (default: torch's own, one per core)")  # fmt: skip
+                        "them for training (default: torch's own, one per core or OMP_NUM_THREADS)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.archive and not Path(args.archive).is_file():
         parser.error(f"--archive: no such file: {args.archive}")

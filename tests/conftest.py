@@ -71,7 +71,8 @@ SLOWEST_FILES = ["test_pipeline.py", "test_faults.py", "test_sharing.py", "test_
 
 
 def pytest_configure(config):
-    # pytest-xdist 3.7+ hands out the files with the most tests first unless told otherwise: keep ours.
+    # pytest-xdist 3.7+ hands out the files with the most tests first unless told otherwise: keep ours
+    # (pytest_collection_modifyitems), which a --loadscope-reorder on the command line cannot undo.
     config.option.loadscopereorder = False
 
 
@@ -239,23 +240,26 @@ def same_weights(*outputs):
 
 
 def run_queue(project, jobs=2, timeout=600):
-    """`dvc queue start -j jobs`, waits until nothing is queued or running, then stops the workers.
+    """`dvc queue start -j jobs`, waits until nothing is queued or running, then stops the workers, killing
+    what still runs when time is up.
 
     `queue start` writes to a file, not to pipes: its workers inherit its stdout and stderr, so reading
     them would wait for the last worker to exit, which a known DVC bug can keep from ever happening (a
     worker whose monitor died on a half-written message stays idle for good: treeverse/dvc#10398)."""
     log = project / ".dvc" / "tmp" / "queue-start.log"
-    with log.open("w") as out:
-        command = [sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)]
-        started = subprocess.run(command, cwd=project, env=tool_env(), stdout=out, stderr=subprocess.STDOUT)
-    assert started.returncode == 0, log.read_text()
+    log.parent.mkdir(parents=True, exist_ok=True)
     try:
+        with log.open("w") as out:
+            command = [sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)]
+            started = subprocess.run(command, cwd=project, env=tool_env(), stdout=out, stderr=subprocess.STDOUT,
+                                     timeout=COMMAND_TIMEOUT)  # fmt: skip
+        assert started.returncode == 0, log.read_text()
         deadline = time.monotonic() + timeout
         while re.search(r"\b(Queued|Running)\b", status := dvc("queue", "status", cwd=project).stdout):
             assert time.monotonic() < deadline, f"queued experiments did not finish in {timeout} s:\n{status}"
             time.sleep(3)
     finally:
-        dvc("queue", "stop", cwd=project, check=False)
+        dvc("queue", "stop", "--kill", cwd=project, check=False)
 
 
 def edit_params(project, change):

@@ -17,7 +17,7 @@ def test_the_benchmark_prints_speed_up_and_floor_for_each_try_asked(small_archiv
     archive, _ = small_archive
     command = [sys.executable, "-m", "benchmarks.benchmark", "--archive", archive, "--train-images", "200",
                "--test-images", "100", "--rounds", "1", "--tries", "lenet", "lenet2_aug", "airbench",
-               "--threads", "2"]  # fmt: skip
+               "--threads", "2", "--device", "cpu"]  # fmt: skip
     lines = run(command, cwd=ROOT).stdout.splitlines()
     assert lines[0].startswith("machine: ") and ", cpu, 2 threads, torch " in lines[0]  # not the tests' 1
     assert "200 training + 100 test" in lines[1]

@@ -10,7 +10,7 @@ import yaml
 
 from stages.models import MODELS, model_options
 from stages.params import MODEL_OPTIONS, SECTIONS, TRAIN_SCHEMA, WIDTH_COUNTS
-from tests.conftest import ROOT, SHIPPED_TRIES
+from tests.conftest import ROOT, SHIPPED_TRIES, SLOWEST_FILES
 
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -106,3 +106,8 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     command = re.search(r"# install and run the tests\n(.+)\n", readme).group(1).strip()
     assert command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_files_the_suite_starts_first_exist():
+    """A renamed file would lose its place at the front without a word (conftest's SLOWEST_FILES)."""
+    assert [name for name in SLOWEST_FILES if not (ROOT / "tests" / name).is_file()] == []
