@@ -16,6 +16,7 @@ stops everything before any image is read.
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -151,11 +152,17 @@ def main(argv=None):
             raise
         raise CheckpointError(f"{error}. Named like an image: the checkpoint comes first, then the images") from None
     results = predict(checkpoint, args.images)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    elif any("top" in result for result in results):
-        print(describe(args.checkpoint, checkpoint))
-        print(format_table(results))
+    try:
+        if args.json:
+            print(json.dumps(results, indent=2))
+        elif any("top" in result for result in results):
+            print(describe(args.checkpoint, checkpoint))
+            print(format_table(results))
+        sys.stdout.flush()  # here, where a closed pipe is caught, rather than at exit
+    except BrokenPipeError:
+        # The reader stopped reading (`... | head`): the rest is not wanted, as for any command-line tool.
+        # stdout goes to /dev/null, or Python's own flush at exit would fail again, with a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     errors = [result["error"] for result in results if "error" in result]
     for error in errors:
         print(f"error: {error}", file=sys.stderr)

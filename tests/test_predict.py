@@ -230,3 +230,13 @@ def test_a_file_name_the_encoding_cannot_print_is_shown_escaped(tmp_path, traine
     result = subprocess.run(command, cwd=ROOT, env=strict, capture_output=True, text=True, errors="replace")
     assert result.returncode == 0, result.stderr
     assert f"{folder}/caf\\udce9.png" in result.stdout
+
+
+def test_a_reader_that_stops_reading_ends_the_command_without_a_traceback(trained_try, test_images):
+    """`python -m stages.predict ... | head`: head leaves once it has its lines, and the rest of the table
+    meets a closed pipe."""
+    command = [sys.executable, "-m", "stages.predict", str(trained_try.model), *map(str, test_images)]
+    predicting = subprocess.Popen(command, cwd=ROOT, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    predicting.stdout.close()  # before it prints anything: loading torch alone takes a second
+    stderr = predicting.stderr.read().decode()
+    assert predicting.wait() == 0 and stderr == ""
