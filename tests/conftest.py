@@ -71,8 +71,8 @@ SLOWEST_FILES = ["test_pipeline.py", "test_faults.py", "test_sharing.py", "test_
 
 
 def pytest_configure(config):
-    # pytest-xdist 3.7+ hands out the files with the most tests first unless told otherwise: keep ours
-    # (pytest_collection_modifyitems), which a --loadscope-reorder on the command line cannot undo.
+    # pytest-xdist hands out the files with the most tests first; from 3.8 on it can be told to keep ours
+    # (pytest_collection_modifyitems), and a --loadscope-reorder on the command line cannot undo that.
     config.option.loadscopereorder = False
 
 
