@@ -156,12 +156,12 @@ def tool_env():
 COMMAND_TIMEOUT = 900
 
 
-def run(args, cwd, check=True, timeout=COMMAND_TIMEOUT):
+def run(args, cwd, check=True):
     try:
-        result = subprocess.run(args, cwd=cwd, env=tool_env(), capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(args, cwd=cwd, env=tool_env(), capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
     except subprocess.TimeoutExpired as hung:  # its output so far comes as bytes
         output = "\n".join((part or b"").decode(errors="replace") for part in (hung.stdout, hung.stderr))
-        raise AssertionError(f"{' '.join(map(str, args))} did not finish in {timeout} s:\n{output}") from None
+        raise AssertionError(f"{' '.join(map(str, args))} did not finish in {COMMAND_TIMEOUT} s:\n{output}") from None
     if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(map(str, args))} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
@@ -169,8 +169,11 @@ def run(args, cwd, check=True, timeout=COMMAND_TIMEOUT):
     return result
 
 
+DVC = [sys.executable, "-m", "dvc"]  # this interpreter's DVC
+
+
 def dvc(*args, cwd, check=True):
-    return run([sys.executable, "-m", "dvc", *args], cwd=cwd, check=check)
+    return run([*DVC, *args], cwd=cwd, check=check)
 
 
 def make_project(dest, url, md5, train=E2E_TRAIN, tries=None, stages=None):
@@ -250,7 +253,7 @@ def run_queue(project, jobs=2, timeout=600):
     log.parent.mkdir(parents=True, exist_ok=True)
     try:
         with log.open("w") as out:
-            command = [sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)]
+            command = [*DVC, "queue", "start", "-j", str(jobs)]
             started = subprocess.run(command, cwd=project, env=tool_env(), stdout=out, stderr=subprocess.STDOUT,
                                      timeout=COMMAND_TIMEOUT)  # fmt: skip
         assert started.returncode == 0, log.read_text()

@@ -26,7 +26,7 @@ from stages.errors import PipelineError
 from stages.loop import NonFiniteLoss, pick_device
 from stages.params import load_params, resolve_try
 from tests.cifar_archive import TOP, batch_files
-from tests.conftest import ROOT, dvc, edit_params, outputs_in, run, tool_env
+from tests.conftest import DVC, ROOT, dvc, edit_params, outputs_in, run, tool_env
 
 
 class FlakyServer:
@@ -175,7 +175,7 @@ def repro_lenet_stopped_at_epoch_2(project, stop, **options):
     pipe would stop it."""
     edit_params(project, lambda p: p["train"].update(epochs=6))
     dvc("repro", "download", cwd=project)
-    command = [sys.executable, "-m", "dvc", "repro", "train@lenet"]
+    command = [*DVC, "repro", "train@lenet"]
     options = {"env": tool_env(), **options}
     repro = subprocess.Popen(command, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              **options)  # fmt: skip
