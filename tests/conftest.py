@@ -156,9 +156,11 @@ def tool_env():
 COMMAND_TIMEOUT = 900
 
 
-def run(args, cwd, check=True):
+def run(args, cwd, check=True, env=None):
+    """Runs args in tool_env(), with env's variables on top; fails with its output if it fails."""
     try:
-        result = subprocess.run(args, cwd=cwd, env=tool_env(), capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+        result = subprocess.run(args, cwd=cwd, env={**tool_env(), **(env or {})}, capture_output=True, text=True,
+                                timeout=COMMAND_TIMEOUT)  # fmt: skip
     except subprocess.TimeoutExpired as hung:  # its output so far comes as bytes
         output = "\n".join((part or b"").decode(errors="replace") for part in (hung.stdout, hung.stderr))
         raise AssertionError(f"{' '.join(map(str, args))} did not finish in {COMMAND_TIMEOUT} s:\n{output}") from None
