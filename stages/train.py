@@ -13,10 +13,8 @@ stage writes (`train` overlaid with `tries.<try>`, plus `augment` when the try a
 
 import argparse
 import math
-import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.nn import functional as F
@@ -24,6 +22,7 @@ from torch.nn import functional as F
 from stages.augment import Augmentation
 from stages.data import DATASET_DIR, Dataset, load_dataset
 from stages.errors import PipelineError, exits_cleanly
+from stages.lineage import stop_when_dvc_exits
 from stages.loop import (
     NonFiniteLoss,
     build_updates,
@@ -85,54 +84,6 @@ def train(config, recipe, dataset, outputs, name="try", stop_if_abandoned=lambda
     stop_if_abandoned()
     write_outputs(outputs, model, config, dataset.classes, history, final, dataset.test.labels, metrics)
     return metrics
-
-
-def stop_when_dvc_exits():
-    """The check train() makes under `dvc repro`: it raises once dvc has exited. Ctrl-C stops dvc and the
-    stage together, but dvc killed on its own (`kill <pid>`, `dvc queue kill --force`) leaves the stage
-    training on, to write outputs that dvc.lock never records. Outside DVC (no DVC_STAGE, which dvc sets
-    for the commands it runs) it checks nothing.
-
-    dvc runs the command with `$SHELL -c`. bash and zsh hand over to a lone command, so our parent is dvc;
-    dash (Debian's /bin/sh, taken when SHELL is unset) stays between, and outlives dvc: then the shell's
-    own parent is watched too (on Linux, through /proc; elsewhere only our parent is). On Windows, where
-    cmd.exe stays between and a process keeps its parent's id after the parent exits, nothing is seen.
-    """
-    stage = os.environ.get("DVC_STAGE")
-    if stage is None:
-        return lambda: None
-    parent = os.getppid()
-    links = [(os.getpid(), parent)]  # (process, the parent it had when the stage started), up to dvc
-    if runs_a_shell_command(parent, sys.orig_argv[1:]):
-        links.append((parent, parent_of(parent)))
-
-    def check():
-        if any(parent_of(pid) != its_parent for pid, its_parent in links):
-            raise PipelineError(f"{stage}: dvc, which ran this stage, has exited; stopped without writing outputs")
-
-    return check
-
-
-def parent_of(pid):
-    """pid's parent process, or None where it has gone (or this system has no /proc)."""
-    if pid == os.getpid():
-        return os.getppid()
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[1])  # "pid (name) state ppid ...": the name may hold spaces
-
-
-def runs_a_shell_command(pid, arguments):
-    """Whether pid is a shell running a command line that ends in arguments (`sh -c 'python -m stages.train
-    lenet'` for ours, as dvc starts it), rather than, say, dvc itself started as `python -c ...`."""
-    try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
-    except OSError:
-        return False
-    # dvc.yaml's commands have no quoting: splitting on spaces gives their arguments.
-    return len(args) >= 3 and args[-2] == "-c" and args[-1].split()[-len(arguments) :] == arguments
 
 
 def fit_first_layer(model, split):

@@ -14,11 +14,14 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from stages import download as download_stage
+from stages import lineage
 from stages import train as train_stage
 from stages.data import ArchiveError, load_dataset
 from stages.download import DownloadError, download
@@ -234,22 +237,62 @@ def test_a_training_stage_stops_without_writing_when_dvc_is_killed_on_its_own(pr
     assert not (project / "metrics" / "lenet.json").exists() and not (project / "models" / "lenet.pt").exists()
 
 
+@pytest.mark.e2e
+def test_a_training_stage_stops_when_dvc_is_killed_while_torch_loads(project):
+    # The seconds before the stage can watch anything: it notes its parents as it starts (stages/lineage.py).
+    # With sh between dvc and the stage, as the harder case: both the stage's parent and the shell's are noted.
+    env = {key: value for key, value in tool_env().items() if key != "SHELL"} | SHELLS["sh"]
+    dvc("repro", "download", cwd=project)
+    repro = subprocess.Popen([*DVC, "repro", "train@lenet"], cwd=project, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not training_that_loads_torch(repro.pid):
+        assert repro.poll() is None and time.monotonic() < deadline, "the train stage never started"
+        time.sleep(0.01)
+    repro.terminate()
+    output = repro.stdout.read()  # to the end: the stage writes there too, and ends it when it exits
+    repro.wait()
+    assert "train@lenet: dvc, which ran this stage, has exited; stopped without writing outputs" in output
+    assert not re.search(r"^epoch ", output, re.M)  # stopped before its first epoch
+    assert not (project / "metrics" / "lenet.json").exists() and not (project / "models" / "lenet.pt").exists()
+
+
+def training_that_loads_torch(dvc_pid):
+    """Whether a train stage that dvc_pid runs (with or without a shell between) has begun to load torch: its
+    own start is behind it, the seconds until it trains are not."""
+    for entry in Path("/proc").iterdir():
+        try:
+            arguments = (entry / "cmdline").read_text().split("\0")[:-1]  # sh -c's one argument holds it too
+            if arguments[-3:-1] == ["-m", "stages.train"] and dvc_pid in ancestors(int(entry.name), 2):
+                return "libtorch" in (entry / "maps").read_text()
+        except (OSError, ValueError):  # gone meanwhile, or not a process
+            continue
+    return False
+
+
+def ancestors(pid, count):
+    parents = [lineage.parent_of(pid)]
+    while len(parents) < count and parents[-1] is not None:
+        parents.append(lineage.parent_of(parents[-1]))
+    return parents
+
+
 def test_the_shell_between_dvc_and_a_stage_is_told_apart_and_its_parent_read(tmp_path):
     named_oddly = tmp_path / "sl) eep"  # /proc/<pid>/stat puts the name in parentheses
     named_oddly.symlink_to(shutil.which("sleep"))
     shell = subprocess.Popen(["sh", "-c", "sleep 30; :"])  # `; :` keeps any shell in between, as dash does
     others = [subprocess.Popen([str(named_oddly), "30"]), subprocess.Popen(["sleep", "30"])]
     try:
-        assert train_stage.runs_a_shell_command(shell.pid, ["30;", ":"])
-        assert not train_stage.runs_a_shell_command(shell.pid, ["-m", "stages.train", "lenet"])  # not this stage's
-        assert not any(train_stage.runs_a_shell_command(other.pid, ["30"]) for other in others)
-        assert all(train_stage.parent_of(child.pid) == os.getpid() for child in [shell, *others])
-        assert train_stage.parent_of(os.getpid()) == os.getppid()
+        assert lineage.runs_a_shell_command(shell.pid, ["30;", ":"])
+        assert not lineage.runs_a_shell_command(shell.pid, ["-m", "stages.train", "lenet"])  # not this stage's
+        assert not any(lineage.runs_a_shell_command(other.pid, ["30"]) for other in others)
+        assert all(lineage.parent_of(child.pid) == os.getpid() for child in [shell, *others])
+        assert lineage.parent_of(os.getpid()) == os.getppid()
     finally:
         for child in [shell, *others]:
             child.kill()
             child.wait()
-    assert train_stage.parent_of(shell.pid) is None  # gone
+    assert lineage.parent_of(shell.pid) is None  # gone
 
 
 # pickle's ways in: each runs whatever a file asks for.
