@@ -33,6 +33,10 @@ REPORT_DIR = Path("plots/report")
 SAMPLE_COUNT = 20
 MISTAKE_ROWS, MISTAKE_COLUMNS = 4, 6  # the grid of most confidently wrong test images
 TTA_WORDS = {"flip": "test-time flips", "flip_translate": "test-time flips and shifts"}  # params.py's TTA_MODES
+# The plots page's colours (Vega-Lite's default scheme, tableau10), which its overlays give the tries in the order
+# of their history files' paths: a try then has one colour on the whole page, its charts and these figures.
+PAGE_COLOURS = ["#4c78a8", "#f58518", "#e45756", "#72b7b2", "#54a24b", "#eeca3b", "#b279a2", "#ff9da6", "#9d755d",
+                "#bab0ac"]  # fmt: skip
 
 
 def draw_samples(dataset, path):
@@ -90,9 +94,17 @@ def draw_curves(name, history, path, conditions=None):
     save(fig, path)
 
 
+def page_colours(names):
+    """{try: its colour on the plots page}: the page's overlays colour the tries in the order of their history
+    files' paths (plots/lenet/history.csv before plots/lenet2/history.csv)."""
+    ranked = sorted(names, key=lambda name: str(outputs_for(name).history))
+    return {name: PAGE_COLOURS[rank % len(PAGE_COLOURS)] for rank, name in enumerate(ranked)}
+
+
 def draw_comparison(histories, path, final_views=None):
     """Every try's validation accuracy per epoch; final_views: try -> its tta, said beside its final accuracy."""
     fig, ax = plt.subplots(figsize=(10, 5))
+    colours = page_colours(histories)
     for name, history in histories.items():
         views = (final_views or {}).get(name, "none")
         note = f", with {TTA_WORDS[views]}" if views != "none" else ""
@@ -100,6 +112,7 @@ def draw_comparison(histories, path, final_views=None):
             [row["epoch"] for row in history],
             [row["val_acc"] for row in history],
             marker="o",
+            color=colours[name],
             label=f"{name} ({history[-1]['val_acc']:.2f}%{note})",
         )
     ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy per epoch, by try")
@@ -119,9 +132,14 @@ def draw_class_accuracy(accuracies, overall, classes, path):
     """Grouped bars: one group per class, one bar per try, so that tries compare class by class."""
     fig, ax = plt.subplots(figsize=(13, 5))
     width = 0.8 / len(accuracies)
+    colours = page_colours(accuracies)
     for k, (name, accuracy) in enumerate(accuracies.items()):
         offsets = torch.arange(len(classes)) + (k - (len(accuracies) - 1) / 2) * width
-        ax.bar(offsets.tolist(), accuracy.tolist(), width, label=f"{name} ({overall[name]:.1f}% overall)")
+        ax.bar(offsets.tolist(), accuracy.tolist(), width, color=colours[name],
+               label=f"{name} ({overall[name]:.1f}% overall)")  # fmt: skip
+        for offset, share in zip(offsets.tolist(), accuracy.tolist(), strict=True):
+            if share == 0:  # a bar of height 0 does not show: say it, or it looks like a try left out
+                ax.text(offset, 0.5, "0", ha="center", va="bottom", fontsize=8, color=colours[name])
     absent = torch.stack(list(accuracies.values())).isnan().all(0).tolist()  # no test images: no bars
     ax.set_xticks(range(len(classes)), [f"{c}\n(no images)" if a else c for c, a in zip(classes, absent, strict=True)])
     ax.set(ylabel="accuracy (%)", ylim=(0, 100), title="Accuracy per class on the test images, by try")

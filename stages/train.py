@@ -70,7 +70,7 @@ def train(config, recipe, dataset, outputs, name="try", stop_if_abandoned=lambda
     print(
         f"{name}: {config['model']} ({count_parameters(model):,} parameters) on {device}, "
         f"{config['epochs']} epoch{'s' * (config['epochs'] != 1)} of {len(data.train.labels)} images, "
-        f"augment={config['augment']}",
+        f"augmentation: {augmentation_words(config)}",
         flush=True,
     )
     history = []
@@ -118,6 +118,16 @@ def build_augmentation(config, recipe, generator, count):
     if len(steps) <= 1:
         return steps[0] if steps else None
     return lambda images, indices: steps[1](steps[0](images, indices), indices)
+
+
+def augmentation_words(config):
+    """What build_augmentation does to the try's training images, for its first line of output."""
+    words = ["the post's recipe"] if config["augment"] else []
+    if config["flip"]:
+        words.append("alternating flip" if config["flip"] == "alternate" else "random flip")
+    if config["translate"] > 0:
+        words.append(f"translate by up to {config['translate']} px")
+    return ", ".join(words) or "none"
 
 
 def run_epoch(epoch, model, updates, data, config, generator, augment, name):

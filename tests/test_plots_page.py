@@ -14,6 +14,7 @@ from PIL import Image
 
 from stages.errors import PipelineError
 from stages.plots_page import PAGE_TEMPLATE, VEGA_LITE_VERSION, page_template, write_page_template
+from stages.report import page_colours
 from tests.conftest import ROOT
 
 FAKE_BUNDLE = "window.vegaEmbed = function () {}; window.vega = {}; window.vegaLite = {};"
@@ -147,6 +148,14 @@ def test_the_overlays_give_each_try_a_colour_and_each_revision_a_dash():
     # DVC's own: every line of one revision takes the same colour, told apart by dashes only.
     theirs, _ = drawn_lines("linear", tries, revisions)
     assert len({theirs[f"{name}/history.csv", "HEAD"][0] for name in tries}) == 1
+
+
+def test_the_reports_figures_give_each_try_the_colour_the_overlays_give_it():
+    template = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"][0]["validation accuracy"]["template"]
+    tries = ["lenet2_aug", "lenet", "mine", "airbench", "lenet2", "lenet-x"]  # "lenet-x/" sorts before "lenet/"
+    lines, _ = drawn_lines(template, tries, ["HEAD"])
+    on_the_page = {file.removesuffix("/history.csv"): colour for (file, _), (colour, _) in lines.items()}
+    assert page_colours(tries) == on_the_page
 
 
 def x_labels(template, epochs):

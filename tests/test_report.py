@@ -4,6 +4,7 @@ gets wrong: accuracy per class and its most confident mistakes."""
 import math
 import zlib
 
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
@@ -17,10 +18,12 @@ from stages.models import build_model
 from stages.outputs import outputs_for
 from stages.params import TTA_MODES
 from stages.report import (
+    PAGE_COLOURS,
     TTA_WORDS,
     class_accuracy,
     conditions_of,
     confident_mistakes,
+    draw_class_accuracy,
     draw_comparison,
     draw_curves,
     report,
@@ -150,6 +153,22 @@ def test_a_small_data_set_without_some_classes_is_reported_as_such(tmp_path, mon
     assert labels == CLASSES[:3] + [f"{c}\n(no images)" for c in CLASSES[3:]]
     assert [math.isnan(bar.get_height()) for bar in ax.containers[0]] == [False] * 3 + [True] * 7
     assert "class3 n/a" in capsys.readouterr().out
+    plt.close("all")
+
+
+def test_a_class_a_try_gets_all_wrong_is_marked_0_and_each_try_keeps_its_page_colour(monkeypatch):
+    drawn = []
+    monkeypatch.setattr("stages.report.save", lambda fig, path: drawn.append(fig))
+    accuracies = {"lenet": torch.tensor([0.0, 50.0, 100.0]), "airbench": torch.tensor([90.0, 0.0, 95.0])}
+    draw_class_accuracy(accuracies, {"lenet": 50.0, "airbench": 61.7}, CLASSES[:3], None)
+    ax = drawn[0].axes[0]
+    lenet, airbench = ax.containers
+    marks = [(text.get_text(), text.get_position()[0]) for text in ax.texts]
+    assert marks == [("0", lenet[0].get_x() + lenet[0].get_width() / 2),
+                     ("0", airbench[1].get_x() + airbench[1].get_width() / 2)]  # fmt: skip
+    # The plots page colours airbench first (its history file's path sorts first): so do the figures.
+    colours = [matplotlib.colors.to_hex(bars[0].get_facecolor()) for bars in (airbench, lenet)]
+    assert colours == PAGE_COLOURS[:2]
     plt.close("all")
 
 

@@ -26,7 +26,7 @@ from stages.loop import (
 )
 from stages.models import build_model
 from stages.params import load_params, resolve_try
-from stages.train import fit_first_layer, freeze_whitening_bias, summarise, train
+from stages.train import augmentation_words, fit_first_layer, freeze_whitening_bias, summarise, train
 from tests.conftest import (
     DEVICES,
     GPUS,
@@ -92,6 +92,15 @@ def test_a_try_learns_and_writes_every_output(tmp_path, params, dataset, name, d
     answers = evaluate(model.model, dataset.test, tta=model.config["tta"])["predictions"]
     agree = sum(dataset.classes[a] == row["predicted"] for a, row in zip(answers.tolist(), predictions, strict=True))
     assert agree >= (300 if device == "cpu" and not amp else 290), agree  # a GPU's rounding may flip a close call
+
+
+def test_the_first_line_names_what_augments_each_try(params):
+    # airbench's augment is false, yet it trains on augmented images: its line says which.
+    named = {name: augmentation_words(resolve_try(params, name)) for name in SHIPPED_TRIES}
+    assert named == {"lenet": "none", "lenet2": "none", "lenet2_aug": "the post's recipe",
+                     "airbench": "alternating flip, translate by up to 2 px"}  # fmt: skip
+    every = {**resolve_try(params, "lenet"), "augment": True, "flip": True, "translate": 1}
+    assert augmentation_words(every) == "the post's recipe, random flip, translate by up to 1 px"
 
 
 def test_the_threads_param_sets_the_cpu_threads_and_the_metrics_name_them(tmp_path, params, dataset):
