@@ -4,8 +4,8 @@ Ctrl-C stops dvc and the stage together, but dvc killed on its own (`kill <pid>`
 leaves the stage training on, to write outputs that dvc.lock never records. A process whose parent exits is
 handed to another, so the stage notes its parents as it starts and watches for a change. It notes them as
 this module loads, which stages/__init__.py does first thing: a train stage then spends seconds loading
-torch, and dvc killed meanwhile would otherwise go unseen (only the interpreter's own start, hundredths of
-a second, comes before).
+torch, and dvc killed meanwhile would otherwise go unseen (only the interpreter's own start, about a tenth
+of a second, comes before).
 
 Standard library only, so that loading it costs nothing.
 """

@@ -230,7 +230,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Train one try of params.yaml.")
     parser.add_argument("name", help="a key of params.yaml's tries section")
     name = parser.parse_args(argv).name
-    stop_if_abandoned = stop_when_dvc_exits()  # first: dvc may exit while the data loads
+    stop_if_abandoned = stop_when_dvc_exits()
     config, recipe = read_try_config(name)
     train(config, recipe, load_dataset(DATASET_DIR), outputs_for(name), name, stop_if_abandoned)
 
