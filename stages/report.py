@@ -32,6 +32,7 @@ from stages.params import load_params  # noqa: E402
 REPORT_DIR = Path("plots/report")
 SAMPLE_COUNT = 20
 MISTAKE_ROWS, MISTAKE_COLUMNS = 4, 6  # the grid of most confidently wrong test images
+BAR_SHOWN_FROM = 1.0  # the per-class figure's lowest accuracy (%) whose bar shows (3 pixels): below, it is written
 TTA_WORDS = {"flip": "test-time flips", "flip_translate": "test-time flips and shifts"}  # params.py's TTA_MODES
 # The plots page's colours (Vega-Lite's default scheme, tableau10), which its overlays give the tries in the order
 # of their history files' paths: a try then has one colour on the whole page, its charts and these figures.
@@ -97,7 +98,7 @@ def draw_curves(name, history, path, conditions=None):
 def page_colours(names):
     """{try: its colour on the plots page}: the page's overlays colour the tries in the order of their history
     files' paths (plots/lenet/history.csv before plots/lenet2/history.csv)."""
-    ranked = sorted(names, key=lambda name: str(outputs_for(name).history))
+    ranked = sorted(names, key=lambda name: outputs_for(name).history.as_posix())  # as dvc.yaml spells them
     return {name: PAGE_COLOURS[rank % len(PAGE_COLOURS)] for rank, name in enumerate(ranked)}
 
 
@@ -138,8 +139,9 @@ def draw_class_accuracy(accuracies, overall, classes, path):
         ax.bar(offsets.tolist(), accuracy.tolist(), width, color=colours[name],
                label=f"{name} ({overall[name]:.1f}% overall)")  # fmt: skip
         for offset, share in zip(offsets.tolist(), accuracy.tolist(), strict=True):
-            if share == 0:  # a bar of height 0 does not show: say it, or it looks like a try left out
-                ax.text(offset, 0.5, "0", ha="center", va="bottom", fontsize=8, color=colours[name])
+            if share < BAR_SHOWN_FROM:  # a bar this low does not show: say it, or it looks like a try left out
+                ax.text(offset, 0.5, f"{share:.1f}" if share else "0", ha="center", va="bottom", fontsize=8,
+                        color=colours[name])  # fmt: skip
     absent = torch.stack(list(accuracies.values())).isnan().all(0).tolist()  # no test images: no bars
     ax.set_xticks(range(len(classes)), [f"{c}\n(no images)" if a else c for c, a in zip(classes, absent, strict=True)])
     ax.set(ylabel="accuracy (%)", ylim=(0, 100), title="Accuracy per class on the test images, by try")

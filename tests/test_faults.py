@@ -222,12 +222,14 @@ def test_ctrl_c_stops_a_stage_with_one_line_and_ends_it_by_sigint(downloaded):
 
 
 # The shells dvc may run a stage with: bash hands over to the stage, /bin/sh (dash on Debian, taken when SHELL
-# is unset) stays between them (see stop_when_dvc_exits).
+# is unset) stays between them (see stages.lineage.links_up_to_dvc).
 SHELLS = {"bash": {"SHELL": shutil.which("bash")}, "sh": {}}
+# Where a stage watches the shell between it and dvc, and these tests find processes: Linux's /proc.
+NEEDS_PROC = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc (Linux)")
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("shell", ["bash", pytest.param("sh", marks=NEEDS_PROC)])
 def test_a_training_stage_stops_without_writing_when_dvc_is_killed_on_its_own(project, shell):
     # SIGTERM to dvc alone, as `kill <pid>` sends it.
     env = {key: value for key, value in tool_env().items() if key != "SHELL"} | SHELLS[shell]
@@ -238,6 +240,7 @@ def test_a_training_stage_stops_without_writing_when_dvc_is_killed_on_its_own(pr
 
 
 @pytest.mark.e2e
+@NEEDS_PROC
 def test_a_training_stage_stops_when_dvc_is_killed_while_torch_loads(project):
     # The seconds before the stage can watch anything: it notes its parents as it starts (stages/lineage.py).
     # With sh between dvc and the stage, as the harder case: both the stage's parent and the shell's are noted.
@@ -277,6 +280,15 @@ def ancestors(pid, count):
     return parents
 
 
+def test_a_stage_notes_its_parents_before_it_loads_torch():
+    # Deterministic, where the test above depends on when the kill lands: the notes come first.
+    imports = run([sys.executable, "-X", "importtime", "-m", "stages.train", "--help"], cwd=ROOT).stderr
+    names = [line.rsplit("|", 1)[1].strip() for line in imports.splitlines() if line.startswith("import time:")]
+    first_of_torch = min(k for k, name in enumerate(names) if name.split(".")[0] == "torch")
+    assert names.index("stages.lineage") < first_of_torch
+
+
+@NEEDS_PROC
 def test_the_shell_between_dvc_and_a_stage_is_told_apart_and_its_parent_read(tmp_path):
     named_oddly = tmp_path / "sl) eep"  # /proc/<pid>/stat puts the name in parentheses
     named_oddly.symlink_to(shutil.which("sleep"))

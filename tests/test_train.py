@@ -64,9 +64,11 @@ SETUPS = [(device, False) for device in DEVICES] + [("cuda", True)] * ("cuda" in
 
 @pytest.mark.parametrize("device, amp", SETUPS, ids=[f"{d}{'-amp' * amp}" for d, amp in SETUPS])
 @pytest.mark.parametrize("name", SHIPPED_TRIES)
-def test_a_try_learns_and_writes_every_output(tmp_path, params, dataset, name, device, amp):
+def test_a_try_learns_and_writes_every_output(tmp_path, params, dataset, name, device, amp, capsys):
     threads = torch.get_num_threads()
     metrics, outputs = run_try(params, dataset, tmp_path, name, device=device, amp=amp)
+    first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(f"{name}: "))
+    assert first.endswith(f", augmentation: {augmentation_words(resolve_try(params, name))}"), first
     assert metrics["val"]["acc"] > 50  # chance is 10%
     assert json.loads(outputs.metrics.read_text()) == metrics
     assert metrics["device"] == device and metrics["threads"] == torch.get_num_threads() == threads  # threads: 0
