@@ -224,6 +224,13 @@ def test_ctrl_c_stops_a_stage_with_one_line_and_ends_it_by_sigint(downloaded):
 # The shells dvc may run a stage with: bash hands over to the stage, /bin/sh (dash on Debian, taken when SHELL
 # is unset) stays between them (see stages.lineage.links_up_to_dvc).
 SHELLS = {"bash": {"SHELL": shutil.which("bash")}, "sh": {}}
+
+
+def env_with_shell(shell):
+    """tool_env() with SHELL set as SHELLS[shell] gives it: dvc runs its stages with that shell."""
+    return {key: value for key, value in tool_env().items() if key != "SHELL"} | SHELLS[shell]
+
+
 # Where a stage watches the shell between it and dvc, and these tests find processes: Linux's /proc.
 NEEDS_PROC = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc (Linux)")
 
@@ -232,8 +239,7 @@ NEEDS_PROC = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="re
 @pytest.mark.parametrize("shell", ["bash", pytest.param("sh", marks=NEEDS_PROC)])
 def test_a_training_stage_stops_without_writing_when_dvc_is_killed_on_its_own(project, shell):
     # SIGTERM to dvc alone, as `kill <pid>` sends it.
-    env = {key: value for key, value in tool_env().items() if key != "SHELL"} | SHELLS[shell]
-    output = repro_lenet_stopped_at_epoch_2(project, lambda repro: repro.terminate(), env=env)
+    output = repro_lenet_stopped_at_epoch_2(project, lambda repro: repro.terminate(), env=env_with_shell(shell))
     assert "train@lenet: dvc, which ran this stage, has exited; stopped without writing outputs" in "".join(output)
     assert not any(line.startswith("epoch  4/6") for line in output)
     assert not (project / "metrics" / "lenet.json").exists() and not (project / "models" / "lenet.pt").exists()
@@ -244,10 +250,9 @@ def test_a_training_stage_stops_without_writing_when_dvc_is_killed_on_its_own(pr
 def test_a_training_stage_stops_when_dvc_is_killed_while_torch_loads(project):
     # The seconds before the stage can watch anything: it notes its parents as it starts (stages/lineage.py).
     # With sh between dvc and the stage, as the harder case: both the stage's parent and the shell's are noted.
-    env = {key: value for key, value in tool_env().items() if key != "SHELL"} | SHELLS["sh"]
     dvc("repro", "download", cwd=project)
-    repro = subprocess.Popen([*DVC, "repro", "train@lenet"], cwd=project, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    repro = subprocess.Popen([*DVC, "repro", "train@lenet"], cwd=project, env=env_with_shell("sh"),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     deadline = time.monotonic() + 120
     while not training_that_loads_torch(repro.pid):
         assert repro.poll() is None and time.monotonic() < deadline, "the train stage never started"
