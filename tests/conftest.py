@@ -64,10 +64,12 @@ GIT_IDENTITY = {
 }
 
 
-# The files that take longest, longest first (about 235, 75, 75, 60 and 40 s on one core). Each test process
-# takes whole files (pyproject.toml), so the suite lasts at least as long as its longest file from the time
-# it starts: handed out 11th, as xdist would by test count, test_pipeline.py ran on alone at the end.
-SLOWEST_FILES = ["test_pipeline.py", "test_faults.py", "test_sharing.py", "test_ladder.py", "test_sweeps.py"]
+# The files that take longest, longest first (about 190, 110, 70, 60, 50, 40 and 35 s beside another test
+# process). Each test process takes whole files (pyproject.toml), so the suite lasts at least as long as its
+# longest file from the time it starts: handed out 11th, as xdist would by test count, test_pipeline.py ran on
+# alone at the end; and the files left for last are the short ones, which even out the two processes' ends.
+SLOWEST_FILES = ["test_pipeline.py", "test_faults.py", "test_sharing.py", "test_ladder.py", "test_sweeps.py",
+                 "test_ingredients.py", "test_train.py"]  # fmt: skip
 
 
 def pytest_configure(config):

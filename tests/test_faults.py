@@ -177,8 +177,7 @@ def repro_lenet_stopped_at_epoch_2(project, stop, **options):
     epoch 2 is printed; returns its output lines, read to the end: the stage writes there too, and a closed
     pipe would stop it."""
     edit_params(project, lambda p: p["train"].update(epochs=6))
-    dvc("repro", "download", cwd=project)
-    command = [*DVC, "repro", "train@lenet"]
+    command = [*DVC, "repro", "train@lenet"]  # and the stages before it
     options = {"env": tool_env(), **options}
     repro = subprocess.Popen(command, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              **options)  # fmt: skip

@@ -13,6 +13,7 @@ from tests.conftest import (
     S3_BUCKET,
     S3_KEYS,
     S3_REGION,
+    TRAINING_STAGES,
     dvc,
     edit_params,
     exp_show,
@@ -34,7 +35,8 @@ def machines(tmp_path_factory, http_server, small_archive):
     root = tmp_path_factory.mktemp("sharing")
     run(["git", "init", "-q", "--bare", str(root / "origin.git")], cwd=root)
     path, md5 = small_archive
-    a = make_project(root / "a", f"{http_server}/{path.name}", md5, train=LEAN, tries=[TRY])
+    # No figures: they would move as every other output does, and drawing them costs each run seconds.
+    a = make_project(root / "a", f"{http_server}/{path.name}", md5, train=LEAN, tries=[TRY], stages=TRAINING_STAGES)
     run(["git", "remote", "add", "origin", str(root / "origin.git")], cwd=a)
     # Committed before any experiment: `dvc exp push` reads the DVC remote from the experiment's commit.
     dvc("remote", "add", "-d", "shared", str(root / "dvc-storage"), cwd=a)
