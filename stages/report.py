@@ -38,6 +38,9 @@ TTA_WORDS = {"flip": "test-time flips", "flip_translate": "test-time flips and s
 # of their history files' paths: a try then has one colour on the whole page, its charts and these figures.
 PAGE_COLOURS = ["#4c78a8", "#f58518", "#e45756", "#72b7b2", "#54a24b", "#eeca3b", "#b279a2", "#ff9da6", "#9d755d",
                 "#bab0ac"]  # fmt: skip
+# A try's training curves, beside its validation curves in the try's page colour: matplotlib's own blue and
+# orange would read as the first two tries' colours.
+TRAINING_COLOUR = "#555555"
 
 
 def draw_samples(dataset, path):
@@ -76,17 +79,19 @@ def with_notes(label, notes):
     return f"{label} ({', '.join(notes)})" if notes else label
 
 
-def draw_curves(name, history, path, conditions=None):
+def draw_curves(name, history, path, conditions=None, colour=PAGE_COLOURS[0]):
+    """The try's loss and accuracy per epoch, training and validation; colour: the try's on the plots page."""
     conditions = conditions or Conditions()
     epochs = [row["epoch"] for row in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(12, 5.2))
     for ax, metric, label in ((loss_ax, "loss", "cross-entropy loss"), (acc_ax, "acc", "accuracy (%)")):
         notes = conditions.training + (conditions.loss_only if metric == "loss" else ())
-        ax.plot(epochs, [row[f"train_{metric}"] for row in history], marker="o", label=with_notes("training", notes))
+        ax.plot(epochs, [row[f"train_{metric}"] for row in history], marker="o", color=TRAINING_COLOUR,
+                label=with_notes("training", notes))  # fmt: skip
         validation = [row[f"val_{metric}"] for row in history]
-        (line,) = ax.plot(epochs, validation, marker="o", label="validation")
+        ax.plot(epochs, validation, marker="o", color=colour, label="validation")
         if conditions.final_views != "none":
-            ax.plot(epochs[-1:], validation[-1:], marker="*", markersize=15, linestyle="none", color=line.get_color(),
+            ax.plot(epochs[-1:], validation[-1:], marker="*", markersize=15, linestyle="none", color=colour,
                     label=f"last epoch: with {TTA_WORDS[conditions.final_views]}")  # fmt: skip
         ax.set(xlabel="epoch", ylabel=label, title=f"{name}: {label}")
         tick_whole_epochs(ax)
@@ -212,8 +217,10 @@ def report(try_names, dataset, out_dir=REPORT_DIR):
     with atomic_dir(out_dir) as partial:
         draw_samples(dataset, partial / "samples.png")
         conditions = {name: conditions_of(c) for name, c in checkpoints.items()}
+        colours = page_colours(checkpoints)
         for name, checkpoint in checkpoints.items():
-            draw_curves(name, checkpoint.history, partial / f"{name}_curves.png", conditions[name])
+            curves = partial / f"{name}_curves.png"
+            draw_curves(name, checkpoint.history, curves, conditions[name], colours[name])
             draw_mistakes(name, test, probabilities[name], classes, partial / f"{name}_mistakes.png")
         histories = {name: c.history for name, c in checkpoints.items()}
         final_views = {name: c.final_views for name, c in conditions.items()}

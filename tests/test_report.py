@@ -19,6 +19,7 @@ from stages.outputs import outputs_for
 from stages.params import TTA_MODES
 from stages.report import (
     PAGE_COLOURS,
+    TRAINING_COLOUR,
     TTA_WORDS,
     class_accuracy,
     conditions_of,
@@ -101,7 +102,7 @@ def test_the_legends_say_how_training_and_the_last_validation_were_measured(monk
     config = {"model": "airbench", "flip": "alternate", "translate": 2, "label_smoothing": 0.2, "tta": "flip_translate"}
     conditions = conditions_of(inference.Checkpoint(build_model("airbench"), config, CLASSES, []))
     history = [{"epoch": e, "train_loss": 1.5, "train_acc": 80.0, "val_loss": 0.6, "val_acc": 85.0 + e} for e in (1, 2)]
-    draw_curves("airbench", history, None, conditions)
+    draw_curves("airbench", history, None, conditions, PAGE_COLOURS[3])
     draw_comparison({"airbench": history}, None, {"airbench": conditions.final_views})
     (loss_ax, acc_ax), (comparison,) = drawn[0].axes, drawn[1].axes
     labels = lambda ax: [line.get_label() for line in ax.get_lines()]  # noqa: E731
@@ -109,6 +110,9 @@ def test_the_legends_say_how_training_and_the_last_validation_were_measured(monk
     assert labels(loss_ax) == ["training (augmented images, label smoothing 0.2)", "validation", star]
     assert labels(acc_ax) == ["training (augmented images)", "validation", star]
     assert list(acc_ax.get_lines()[2].get_xydata()[0]) == [2, 87.0]  # on the last validation point
+    # Validation in the colour given (the try's on the plots page), training apart from every try's.
+    colours = [matplotlib.colors.to_hex(line.get_color()) for line in acc_ax.get_lines()]
+    assert colours == [TRAINING_COLOUR, PAGE_COLOURS[3], PAGE_COLOURS[3]] and TRAINING_COLOUR not in PAGE_COLOURS
     assert labels(comparison) == ["airbench (87.00%, with test-time flips and shifts)"]
     augmented = {"model": "lenet2", "augment": True}
     plain = conditions_of(inference.Checkpoint(build_model("lenet2"), augmented, CLASSES, []))
@@ -171,6 +175,21 @@ def test_a_class_a_try_gets_all_or_nearly_all_wrong_is_marked_and_each_try_keeps
     # The plots page colours airbench first (its history file's path sorts first): so do the figures.
     colours = [matplotlib.colors.to_hex(bars[0].get_facecolor()) for bars in (airbench, lenet)]
     assert colours == PAGE_COLOURS[:2]
+    plt.close("all")
+
+
+def test_each_trys_validation_curves_take_its_colour_on_the_plots_page(tmp_path, monkeypatch, dataset):
+    monkeypatch.chdir(tmp_path)
+    for name in ("mine", "lenet"):
+        write_checkpoint(name, 2)
+    drawn = {}
+    monkeypatch.setattr("stages.report.save", lambda fig, path: drawn.update({path.name: fig}))
+    report(["mine", "lenet"], dataset, tmp_path / "plots" / "report")
+    # The page ranks the tries by their history files' paths: lenet first, though listed second.
+    for name, colour in (("lenet", PAGE_COLOURS[0]), ("mine", PAGE_COLOURS[1])):
+        training, validation = drawn[f"{name}_curves.png"].axes[1].get_lines()
+        assert [matplotlib.colors.to_hex(line.get_color()) for line in (training, validation)] == [
+            TRAINING_COLOUR, colour], name  # fmt: skip
     plt.close("all")
 
 
