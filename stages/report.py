@@ -79,7 +79,7 @@ def with_notes(label, notes):
     return f"{label} ({', '.join(notes)})" if notes else label
 
 
-def draw_curves(name, history, path, conditions=None, colour=PAGE_COLOURS[0]):
+def draw_curves(name, history, path, colour, conditions=None):
     """The try's loss and accuracy per epoch, training and validation; colour: the try's on the plots page."""
     conditions = conditions or Conditions()
     epochs = [row["epoch"] for row in history]
@@ -219,8 +219,7 @@ def report(try_names, dataset, out_dir=REPORT_DIR):
         conditions = {name: conditions_of(c) for name, c in checkpoints.items()}
         colours = page_colours(checkpoints)
         for name, checkpoint in checkpoints.items():
-            curves = partial / f"{name}_curves.png"
-            draw_curves(name, checkpoint.history, curves, conditions[name], colours[name])
+            draw_curves(name, checkpoint.history, partial / f"{name}_curves.png", colours[name], conditions[name])
             draw_mistakes(name, test, probabilities[name], classes, partial / f"{name}_mistakes.png")
         histories = {name: c.history for name, c in checkpoints.items()}
         final_views = {name: c.final_views for name, c in conditions.items()}

@@ -187,6 +187,7 @@ def repro_lenet_stopped_at_epoch_2(project, stop, **options):
         if line.startswith("epoch  2/6"):
             stop(repro)
     repro.wait()
+    assert any(line.startswith("epoch  2/6") for line in output), "".join(output)  # else nothing was stopped
     return output
 
 

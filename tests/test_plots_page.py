@@ -2,6 +2,7 @@
 
 import configparser
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from stages.plots_page import PAGE_TEMPLATE, VEGA_LITE_VERSION, page_template, w
 from stages.report import page_colours
 from tests.conftest import ROOT
 
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")  # Debian's, Ubuntu's and Google's names for it
 FAKE_BUNDLE = "window.vegaEmbed = function () {}; window.vega = {}; window.vegaLite = {};"
 
 
@@ -58,10 +60,14 @@ def test_dvc_config_names_the_template_the_stage_writes():
 
 
 def browser():
-    """Chromium's command, to open a page as a user would; a test that needs it is skipped without it."""
-    found = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    """Chromium's command, to open a page as a user would; a test that needs it is skipped without it, or fails
+    where REQUIRE_BROWSER is set (as CI sets it: a skip there would pass unseen)."""
+    found = next(filter(None, map(shutil.which, BROWSERS)), None)
     if found is None:
-        pytest.skip("no Chromium to open the page with (apt-get install chromium)")
+        message = "no Chromium to open the page with (apt-get install chromium)"
+        if os.environ.get("REQUIRE_BROWSER"):
+            pytest.fail(message)
+        pytest.skip(message)
     return found
 
 

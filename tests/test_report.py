@@ -102,7 +102,7 @@ def test_the_legends_say_how_training_and_the_last_validation_were_measured(monk
     config = {"model": "airbench", "flip": "alternate", "translate": 2, "label_smoothing": 0.2, "tta": "flip_translate"}
     conditions = conditions_of(inference.Checkpoint(build_model("airbench"), config, CLASSES, []))
     history = [{"epoch": e, "train_loss": 1.5, "train_acc": 80.0, "val_loss": 0.6, "val_acc": 85.0 + e} for e in (1, 2)]
-    draw_curves("airbench", history, None, conditions, PAGE_COLOURS[3])
+    draw_curves("airbench", history, None, PAGE_COLOURS[3], conditions)
     draw_comparison({"airbench": history}, None, {"airbench": conditions.final_views})
     (loss_ax, acc_ax), (comparison,) = drawn[0].axes, drawn[1].axes
     labels = lambda ax: [line.get_label() for line in ax.get_lines()]  # noqa: E731
@@ -127,7 +127,7 @@ def test_the_epoch_axes_tick_whole_epochs_only(monkeypatch, epochs):
     monkeypatch.setattr("stages.report.save", lambda fig, path: drawn.append(fig))
     history = [{f"{split}_{metric}": 1.0 for split in ("train", "val") for metric in ("loss", "acc")} | {"epoch": e}
                for e in range(1, epochs + 1)]  # fmt: skip
-    draw_curves("lenet", history, None)
+    draw_curves("lenet", history, None, PAGE_COLOURS[0])
     draw_comparison({"lenet": history, "mine": history}, None)
     axes = [ax for fig in drawn for ax in fig.axes]
     assert len(axes) == 3
