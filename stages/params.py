@@ -38,6 +38,49 @@ WIDTH_COUNTS = {"airbench": 3}
 TRY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # fullmatch: "$" would let a final newline in
 
 
+class Yaml12Loader(yaml.SafeLoader):
+    """Reads YAML as DVC does (YAML 1.2's core schema), so that a value means to a stage what `dvc params
+    diff` and `dvc exp show` say it is: PyYAML's default, YAML 1.1, reads `yes` and `off` as booleans,
+    where DVC shows the words, and `1e-3` as a word, where DVC shows a number."""
+
+
+# The booleans, integers and floats of YAML 1.2, as ruamel.yaml (DVC's YAML library) resolves them, with the
+# characters each may start with.
+YAML12_SCALARS = {
+    "tag:yaml.org,2002:bool": ("true|True|TRUE|false|False|FALSE", "tTfF"),
+    "tag:yaml.org,2002:int": ("[-+]?0b[0-1_]+|[-+]?0o?[0-7_]+|[-+]?[0-9_]+|[-+]?0x[0-9a-fA-F_]+", "-+0123456789"),
+    "tag:yaml.org,2002:float": (
+        r"[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+        r"|[-+]?\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)",
+        "-+0123456789.",
+    ),
+}
+Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in YAML12_SCALARS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _tag, (_pattern, _first) in YAML12_SCALARS.items():
+    Yaml12Loader.add_implicit_resolver(_tag, re.compile(f"^(?:{_pattern})$"), list(_first))
+
+
+def _construct_int(loader, node):
+    """YAML 1.2's integers: 010 is ten (YAML 1.1's octal eight; 1.2 writes octal 0o10)."""
+    text = loader.construct_scalar(node).replace("_", "")
+    sign, digits = (-1, text[1:]) if text[0] == "-" else (1, text.lstrip("+"))
+    base = {"0b": 2, "0o": 8, "0x": 16}.get(digits[:2], 10)
+    try:
+        return sign * int(digits if base == 10 else digits[2:], base)
+    except ValueError:  # "+_" or "0x_": no digits, so a word, which the checks then name
+        return loader.construct_scalar(node)
+
+
+Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def read_yaml(text):
+    return yaml.load(text, Loader=Yaml12Loader)
+
+
 class Rule:
     """A check on one value, with the words that tell the user what is allowed; hint follows them where a
     value is wrong (not where it is missing)."""
@@ -68,6 +111,7 @@ NON_NEGATIVE_NUMBER = Rule("a number >= 0", lambda v: _is_number(v) and v >= 0)
 PROBABILITY = Rule("a number from 0 to 1", lambda v: _is_number(v) and 0 <= v <= 1)
 BELOW_ONE = Rule("a number >= 0 and < 1", lambda v: _is_number(v) and 0 <= v < 1)
 TRANSLATION = Rule("an integer from 0 to 16 (pixels)", lambda v: _is_int(v) and 0 <= v <= 16)
+YAML11_BOOLEANS = {"y", "yes", "n", "no", "on", "off"}  # booleans in YAML 1.1 only (Yaml12Loader)
 BOOLEAN = Rule("true or false", lambda v: isinstance(v, bool))
 FLIP = Rule("true, false or 'alternate'", lambda v: isinstance(v, bool) or v == "alternate")
 TEXT = Rule("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
@@ -138,7 +182,7 @@ def load_params(path=PARAMS_FILE):
     """Returns params.yaml as a dict, or raises ParamsError listing every problem."""
     path = Path(path)
     try:
-        params = yaml.safe_load(path.read_text())
+        params = read_yaml(path.read_text())
     except FileNotFoundError:
         raise ParamsError([f"{path} not found; run from the project's root"], source=str(path)) from None
     except yaml.YAMLError as error:
@@ -283,6 +327,8 @@ def wrong_value(where, value, rule):
     # Case aside, close enough to be a slip ('Adam', 'lenet_2'), not another thing ('tpu' for 'cpu').
     close = difflib.get_close_matches(value.lower(), rule.choices, n=1, cutoff=0.75) if isinstance(value, str) else []
     guess = f" (did you mean {close[0]!r}?)" if close else ""
+    if isinstance(value, str) and value.lower() in YAML11_BOOLEANS and rule.accepts(True):
+        guess = " (a word, not a boolean, in YAML 1.2, which DVC and the stages read)"
     return f"{where}: got {value!r}{guess}; expected {rule.allowed}{rule.hint}"
 
 
@@ -328,7 +374,7 @@ def read_try_config(name, configs_dir=CONFIGS_DIR):
     """(config, recipe) of one try from configs/<try>.yaml; recipe is None when the try does not augment."""
     path = try_config_file(name, configs_dir)
     try:
-        config = yaml.safe_load(path.read_text())
+        config = read_yaml(path.read_text())
     except FileNotFoundError:
         raise PipelineError(missing_config(path)) from None
     if not isinstance(config, dict):

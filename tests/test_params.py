@@ -4,10 +4,19 @@ import copy
 import shutil
 
 import pytest
+from ruamel.yaml import YAML
 
 from stages.configure import write_try_configs
 from stages.errors import ParamsError, PipelineError
-from stages.params import PARAMS_FILE, check_params, load_params, read_try_config, resolve_try, try_config
+from stages.params import (
+    PARAMS_FILE,
+    check_params,
+    load_params,
+    read_try_config,
+    read_yaml,
+    resolve_try,
+    try_config,
+)
 from tests.conftest import ROOT, SHIPPED_TRIES, dvc, run
 
 
@@ -82,7 +91,7 @@ def test_an_unknown_try_is_named():
         (lambda p: p["train"].update(lr=0), "train.lr: got 0; expected a number > 0"),
         (lambda p: p["train"].update(lr=[0.1]), "train.lr: got [0.1]"),
         (lambda p: p["tries"]["x"].update(lr=-1e-3), "tries.x.lr: got -0.001"),
-        (lambda p: p["train"].update(augment="yes"), "train.augment: got 'yes'; expected true or false"),
+        (lambda p: p["train"].update(augment="yes"), "train.augment: got 'yes' (a word, not a boolean, in YAML 1.2"),
         (
             lambda p: p["train"].update(device="tpu"),
             "train.device: got 'tpu'; expected one of 'auto', 'cpu', 'cuda', 'mps'",
@@ -103,7 +112,7 @@ def test_an_unknown_try_is_named():
             "tries.lent.model: missing; expected one of 'lenet', 'lenet2', 'lenet2_bn', 'airbench' (did you mean "
             "tries.lenet? a new try needs its model)",
         ),
-        (lambda p: p["train"].update(nesterov="yes"), "train.nesterov: got 'yes'; expected true or false"),
+        (lambda p: p["train"].update(nesterov="yes"), "train.nesterov: got 'yes' (a word, not a boolean, in YAML 1.2"),
         (
             lambda p: p["tries"]["x"].update(model="lenet_2"),
             "tries.x.model: got 'lenet_2' (did you mean 'lenet2'?); expected one of 'lenet', 'lenet2'",
@@ -235,6 +244,37 @@ def test_unreadable_params_files_are_refused(tmp_path, text, expected):
     path.write_text(text)
     with pytest.raises(ParamsError, match=expected):
         load_params(path)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["yes", "No", "off", "ON", "y", "true", "FALSE", "1e-3", "-1.5E+2", ".5", "5.", "1_000", "010", "0o17", "0x1F",
+     "0b101", "-0x_f", ".inf", "~", "null", "2026-12-01", "1:20", "[1e-3, no, 010]"],
+)  # fmt: skip
+def test_a_value_means_to_the_stages_what_dvc_shows(text):
+    """DVC reads params.yaml with ruamel.yaml, in YAML 1.2, for `dvc params diff` and `dvc exp show`; in
+    PyYAML's default, YAML 1.1, `yes` and `off` are booleans and `1e-3` is a word."""
+    dvcs = YAML(typ="safe").load(f"key: {text}")["key"]
+    ours = read_yaml(f"key: {text}")["key"]
+    assert (ours, type(ours)) == (dvcs, type(dvcs))
+
+
+def test_yaml_11_booleans_are_named_as_words_and_an_exponent_is_a_number(tmp_path):
+    """What `dvc exp run -S train.augment=yes -S train.tta=off -S train.lr=1e-3` would leave in params.yaml."""
+    text = (ROOT / PARAMS_FILE).read_text()
+    for key, shipped, typed in [("lr", "0.001", "1e-3"), ("augment", "false", "yes"), ("tta", "none", "off")]:
+        text = text.replace(f"\n  {key}: {shipped} ", f"\n  {key}: {typed} ", 1)
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError) as raised:
+        load_params(path)
+    assert raised.value.problems == [
+        "train.augment: got 'yes' (a word, not a boolean, in YAML 1.2, which DVC and the stages read); "
+        "expected true or false",
+        "train.tta: got 'off'; expected one of 'none', 'flip', 'flip_translate'",
+    ]
+    path.write_text(text.replace("augment: yes", "augment: true").replace("tta: off", "tta: flip"))
+    assert load_params(path)["train"]["lr"] == 0.001
 
 
 def test_a_try_config_holds_the_posts_recipe_only_when_it_augments(params):
