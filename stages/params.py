@@ -65,13 +65,14 @@ for _tag, (_pattern, _first) in YAML12_SCALARS.items():
 
 def _construct_int(loader, node):
     """YAML 1.2's integers: 010 is ten (YAML 1.1's octal eight; 1.2 writes octal 0o10)."""
-    text = loader.construct_scalar(node).replace("_", "")
+    scalar = loader.construct_scalar(node)
+    text = scalar.replace("_", "")
     sign, digits = (-1, text[1:]) if text[0] == "-" else (1, text.lstrip("+"))
     base = {"0b": 2, "0o": 8, "0x": 16}.get(digits[:2], 10)
     try:
         return sign * int(digits if base == 10 else digits[2:], base)
     except ValueError:  # "+_" or "0x_": no digits, so a word, which the checks then name
-        return loader.construct_scalar(node)
+        return scalar
 
 
 Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)

@@ -111,8 +111,8 @@ def test_the_legends_say_how_training_and_the_last_validation_were_measured(monk
     assert labels(acc_ax) == ["training (augmented images)", "validation", star]
     assert list(acc_ax.get_lines()[2].get_xydata()[0]) == [2, 87.0]  # on the last validation point
     # Validation in the colour given (the try's on the plots page), training apart from every try's.
-    colours = [matplotlib.colors.to_hex(line.get_color()) for line in acc_ax.get_lines()]
-    assert colours == [TRAINING_COLOUR, PAGE_COLOURS[3], PAGE_COLOURS[3]] and TRAINING_COLOUR not in PAGE_COLOURS
+    assert line_colours(acc_ax.get_lines()) == [TRAINING_COLOUR, PAGE_COLOURS[3], PAGE_COLOURS[3]]
+    assert TRAINING_COLOUR not in PAGE_COLOURS
     assert labels(comparison) == ["airbench (87.00%, with test-time flips and shifts)"]
     augmented = {"model": "lenet2", "augment": True}
     plain = conditions_of(inference.Checkpoint(build_model("lenet2"), augmented, CLASSES, []))
@@ -187,10 +187,12 @@ def test_each_trys_validation_curves_take_its_colour_on_the_plots_page(tmp_path,
     report(["mine", "lenet"], dataset, tmp_path / "plots" / "report")
     # The page ranks the tries by their history files' paths: lenet first, though listed second.
     for name, colour in (("lenet", PAGE_COLOURS[0]), ("mine", PAGE_COLOURS[1])):
-        training, validation = drawn[f"{name}_curves.png"].axes[1].get_lines()
-        assert [matplotlib.colors.to_hex(line.get_color()) for line in (training, validation)] == [
-            TRAINING_COLOUR, colour], name  # fmt: skip
+        assert line_colours(drawn[f"{name}_curves.png"].axes[1].get_lines()) == [TRAINING_COLOUR, colour], name
     plt.close("all")
+
+
+def line_colours(lines):
+    return [matplotlib.colors.to_hex(line.get_color()) for line in lines]
 
 
 def test_confident_mistakes_are_the_wrong_answers_most_confident_first():
