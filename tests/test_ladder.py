@@ -104,7 +104,7 @@ def test_the_ladder_queues_rungs_that_the_real_dvc_runs_and_tabulates(tmp_path, 
     assert ladder.main(["queue", "--rungs", "0", "2", "--seeds", "0"]) == 0  # a null and a list among the keys
     assert ladder.main(["queue", "--rungs", "0", "--seeds", "0"]) == 0  # DVC itself would queue it twice
     assert f"skipped {experiment_name(0, 0)}: queued in DVC's experiments" in capsys.readouterr().out
-    run_queue(project, jobs=1)  # as the README runs the ladder: one worker, `dvc queue start`
+    run_queue(project, 2, jobs=1)  # as the README runs the ladder: one worker, `dvc queue start`
     trained = {name: metrics["metrics/airbench.json"]["parameters"] for name, (_, metrics) in exp_show(project).items()}
     assert trained == {
         experiment_name(0, 0): count_parameters(build_model("lenet2")),

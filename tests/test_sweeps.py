@@ -32,7 +32,7 @@ def test_a_queued_sweep_runs_every_point_with_its_own_params_and_metrics(lean_pr
     sweep = ["-S", f"train.lr={','.join(map(str, LRS))}", "-S", f"train.seed={','.join(map(str, SEEDS))}"]
     queued = dvc("exp", "run", "--queue", *sweep, cwd=lean_project)
     assert queued.stdout.count("Queued experiment") == len(LRS) * len(SEEDS), queued.stdout
-    run_queue(lean_project, jobs=2)
+    run_queue(lean_project, len(LRS) * len(SEEDS), jobs=2)
 
     points = {}
     for name, (params, metrics) in exp_show(lean_project).items():
