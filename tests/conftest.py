@@ -267,14 +267,14 @@ def run_queue(project, experiments, jobs=2, timeout=600):
                                      timeout=COMMAND_TIMEOUT)  # fmt: skip
         assert started.returncode == 0, log.read_text()
         deadline, checked = time.monotonic() + timeout, time.monotonic()
-        while len(experiment_refs(project) - before) < experiments:
-            if time.monotonic() - checked > QUEUE_CHECK_S:
+        while True:
+            # Once every ref is there, asked until DVC marks the last one done (a moment after its ref).
+            all_refs = len(experiment_refs(project) - before) >= experiments
+            if all_refs or time.monotonic() - checked > QUEUE_CHECK_S:
                 if not queue_busy(project, deadline, timeout):
-                    return
+                    break
                 checked = time.monotonic()
             time.sleep(0.5)
-        while queue_busy(project, deadline, timeout):  # DVC may mark the last one done a moment after its ref
-            time.sleep(1)
     finally:
         dvc("queue", "stop", "--kill", cwd=project, check=False)
 
