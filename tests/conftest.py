@@ -1,5 +1,8 @@
 """Shared fixtures: small archives in the official layout, a loopback HTTP server, a temporary project,
-a small trained try."""
+a small trained try.
+
+torch is imported only where it is used: pytest's controller process loads this file too, runs no test, and
+would hold up the start of the test processes by the five seconds torch takes to load."""
 
 import functools
 import http.server
@@ -15,13 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from stages.data import Dataset, Split, read_archive_batches
 from stages.outputs import TryOutputs, outputs_for
 from stages.params import load_params, resolve_try
-from stages.train import train
 from tests.cifar_archive import batch_files, write_archive
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,19 +44,15 @@ E2E_TRAIN = {"epochs": 2, "batch_size": 50}
 # dvc.yaml's stages up to the metrics: for a project whose tests read no figure (make_project's stages).
 TRAINING_STAGES = ["download", "configure", "train"]
 # Tests compare runs bit for bit and with CPU inference, which a GPU's kernels do not promise: they train
-# on the CPU even where train.device: auto would take a GPU, unless a test asks for one (DEVICES, GPUS).
+# on the CPU even where train.device: auto would take a GPU, unless a test asks for one (tests/devices.py).
 ON_CPU = {"device": "cpu"}
-# The 4th try's own batch of 500 would make 2 steps an epoch of the small archives' 1,000 images.
-SMALL_DATA_TRIES = {"airbench": {"batch_size": 100, "lr": 0.15}}
+# The 4th try's own batch of 500 would make 2 steps an epoch of the small archives' 1,000 images; and at half
+# its widths a step costs a quarter as much, where the tests ask it to learn and run, not to score.
+SMALL_DATA_TRIES = {"airbench": {"widths": [16, 32, 64], "batch_size": 100, "lr": 0.15}}
 # The loopback S3 endpoint's bucket and the made-up keys it accepts.
 S3_BUCKET = "cifar10-tries"
 S3_REGION = "us-east-1"
 S3_KEYS = {"access_key_id": "testing", "secret_access_key": "testing"}  # as DVC's remote options
-# Each GPU this machine has, and the CPU with them: tests parametrised over DEVICES train on each; those
-# that compare a GPU with the CPU take GPUS, and on a machine without one they are deselected (below).
-GPUS = [name for name, present in (("cuda", torch.cuda.is_available()),
-                                   ("mps", torch.backends.mps.is_available())) if present]  # fmt: skip
-DEVICES = ["cpu", *GPUS]
 # `git commit` and `dvc exp run` need an identity, which a fresh CI machine lacks.
 GIT_IDENTITY = {
     f"GIT_{role}_{field}": value
@@ -79,7 +76,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The slowest files first (SLOWEST_FILES). And a test parametrised over GPUS on a machine without a GPU
+    """The slowest files first (SLOWEST_FILES). And a test parametrised over GPUs on a machine without one
     has no case: pytest would count it as skipped, as if something had not run that could; it is deselected
     instead, and reported so."""
     order = {name: rank for rank, name in enumerate(SLOWEST_FILES)}
@@ -242,6 +239,8 @@ def outputs_in(directory, name):
 
 def same_weights(*outputs):
     """Whether the checkpoints of two TryOutputs hold equal weights, bit for bit."""
+    import torch
+
     first, second = (torch.load(o.model, weights_only=True)["state_dict"] for o in outputs)
     return all(torch.equal(first[k], second[k]) for k in first)
 
@@ -317,6 +316,8 @@ def project(tmp_path, http_server, small_archive):
 @pytest.fixture(scope="session")
 def learnable_dataset():
     """The small archive's 1,000 + 300 images as training loads them (uint8 tensors)."""
+    import torch
+
     arrays = read_archive_batches(batch_files())
     as_split = lambda split: Split(torch.from_numpy(split.images), torch.from_numpy(split.labels))  # noqa: E731
     return Dataset(as_split(arrays.train), as_split(arrays.test), arrays.classes)
@@ -325,6 +326,8 @@ def learnable_dataset():
 @pytest.fixture(scope="session")
 def trained_try(tmp_path_factory, learnable_dataset):
     """The outputs of try lenet trained for 2 epochs on learnable_dataset, as the train stage writes them."""
+    from stages.train import train
+
     directory = tmp_path_factory.mktemp("trained")
     params = load_params(ROOT / "params.yaml")
     config = {**resolve_try(params, "lenet"), **E2E_TRAIN, **ON_CPU}

@@ -12,7 +12,8 @@ from stages import augment
 from stages.augment import Augmentation, Draw, apply_draw, draw_params
 from stages.params import load_params
 from tests.cifar_archive import learnable_images
-from tests.conftest import GPUS, ROOT
+from tests.conftest import ROOT
+from tests.devices import GPUS
 
 RECIPE = load_params(ROOT / "params.yaml")["augment"]
 ADJUSTMENTS = [F.adjust_brightness, F.adjust_contrast, F.adjust_saturation]

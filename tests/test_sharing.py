@@ -5,6 +5,8 @@ Clone "a" trains, commits and pushes; every test starts a fresh clone of the Git
 """
 
 import json
+from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import yaml
@@ -29,9 +31,16 @@ TRY = "lenet"
 EXPERIMENT = ("lr-0.002", "train.lr=0.002")
 
 
+class Machines(NamedTuple):
+    root: Path  # the folder holding the Git remote, the DVC remote and the clones
+    a: Path  # the clone that trained
+    metrics: dict  # a's metrics, and its experiment's: what every other clone must get
+    experiment_metrics: dict
+
+
 @pytest.fixture(scope="module")
 def machines(tmp_path_factory, http_server, small_archive):
-    """(root, clone a): a trained, committed and pushed, with one experiment pushed too."""
+    """Machines: a trained, committed and pushed, with one experiment pushed too."""
     root = tmp_path_factory.mktemp("sharing")
     run(["git", "init", "-q", "--bare", str(root / "origin.git")], cwd=root)
     path, md5 = small_archive
@@ -52,7 +61,7 @@ def machines(tmp_path_factory, http_server, small_archive):
     dvc("exp", "push", "--run-cache", "origin", name, cwd=a)
     run(["git", "checkout", "-q", "--", "."], cwd=a)  # back to the baseline in the workspace
     dvc("checkout", "--force", cwd=a)
-    return root, a
+    return Machines(root, a, metrics(a), exp_show(a)[name][1])
 
 
 def clone(root, name):
@@ -66,41 +75,38 @@ def metrics(project):
 
 
 def test_a_fresh_clone_pulls_every_output_and_repro_runs_nothing(machines):
-    root, a = machines
+    root, a = machines.root, machines.a
     b = clone(root, "b")
     dvc("pull", cwd=b)
     result = dvc("repro", cwd=b)
     assert stages_run(result.stdout) == [] and "up to date" in result.stdout, result.stdout
-    assert metrics(b) == metrics(a)
+    assert metrics(b) == machines.metrics
     assert (b / "models" / f"{TRY}.pt").read_bytes() == (a / "models" / f"{TRY}.pt").read_bytes()
 
 
 def test_an_experiment_pushed_from_one_clone_is_pulled_and_applied_in_another(machines):
-    root, a = machines
     name, _ = EXPERIMENT
-    b = clone(root, "b-exp")
+    b = clone(machines.root, "b-exp")
     assert name in dvc("exp", "list", "origin", cwd=b).stdout
     dvc("exp", "pull", "origin", name, cwd=b)
     dvc("exp", "apply", name, cwd=b)
     assert yaml.safe_load((b / "params.yaml").read_text())["train"]["lr"] == 0.002
-    assert metrics(b) == exp_show(a)[name][1]
+    assert metrics(b) == machines.experiment_metrics
     # Every output is there, as the experiment's dvc.lock records it: nothing left to run.
     assert "up to date" in dvc("status", cwd=b).stdout
 
 
 def test_repro_pull_restores_the_train_stage_from_the_run_cache(machines):
-    root, a = machines
-    name, _ = EXPERIMENT
-    c = clone(root, "c")
+    c = clone(machines.root, "c")
     edit_params(c, lambda p: p["train"].update(lr=0.002))  # the experiment's params, typed by hand
     result = dvc("repro", "--pull", cwd=c)
     assert stages_run(result.stdout) == [], result.stdout
     assert f"Stage 'train@{TRY}' is cached - skipping run" in result.stdout
-    assert metrics(c) == exp_show(a)[name][1]
+    assert metrics(c) == machines.experiment_metrics
 
 
 def test_push_and_pull_through_an_s3_endpoint(machines, s3_endpoint):
-    root, a = machines
+    root, a = machines.root, machines.a
     options = {"url": f"s3://{S3_BUCKET}/cifar10-tries", "endpointurl": s3_endpoint, "region": S3_REGION, **S3_KEYS}
     # What `dvc remote add --local s3 <url>` and `dvc remote modify --local s3 <option> <value>` write:
     # .dvc/config.local, never committed, where keys belong.
@@ -111,4 +117,4 @@ def test_push_and_pull_through_an_s3_endpoint(machines, s3_endpoint):
     dvc("push", "-r", "s3", cwd=a)
     dvc("pull", "-r", "s3", cwd=d)
     assert stages_run(dvc("repro", cwd=d).stdout) == []
-    assert metrics(d) == metrics(a)
+    assert metrics(d) == machines.metrics

@@ -28,8 +28,6 @@ from stages.models import build_model
 from stages.params import load_params, resolve_try
 from stages.train import augmentation_words, fit_first_layer, freeze_whitening_bias, summarise, train
 from tests.conftest import (
-    DEVICES,
-    GPUS,
     ON_CPU,
     ROOT,
     SHIPPED_TRIES,
@@ -38,6 +36,7 @@ from tests.conftest import (
     same_weights,
     without_time,
 )
+from tests.devices import DEVICES, GPUS
 
 QUICK = {"epochs": 2, "batch_size": 64, **ON_CPU}  # 64 does not divide 1,000: the last batch is partial
 

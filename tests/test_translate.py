@@ -5,7 +5,7 @@ import torch
 from torchvision.transforms import functional as F
 
 from stages.translate import FlipTranslate, flip_translate
-from tests.conftest import GPUS
+from tests.devices import GPUS
 
 
 @pytest.fixture(scope="module")
