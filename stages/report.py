@@ -185,8 +185,8 @@ def confident_mistakes(probabilities, labels, count):
 
 def save(fig, path):
     fig.tight_layout()
-    # tight_layout leaves a placeholder layout engine behind, which makes savefig lay the figure out again
-    # before drawing it: without it, the same pixels in one pass instead of two.
+    # From matplotlib 3.8 on, tight_layout leaves a placeholder layout engine behind, and savefig draws a figure
+    # that has any engine once more before drawing it for real: without one, a single draw and the same pixels.
     fig.set_layout_engine(None)
     fig.savefig(path, format="png", dpi=80)
     plt.close(fig)

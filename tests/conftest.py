@@ -47,7 +47,7 @@ TRAINING_STAGES = ["download", "configure", "train"]
 # on the CPU even where train.device: auto would take a GPU, unless a test asks for one (tests/devices.py).
 ON_CPU = {"device": "cpu"}
 # The 4th try's own batch of 500 would make 2 steps an epoch of the small archives' 1,000 images; and at half
-# its widths a step costs a quarter as much, where the tests ask it to learn and run, not to score.
+# its widths a step costs about a third as much, where the tests ask it to learn and run, not to score.
 SMALL_DATA_TRIES = {"airbench": {"widths": [16, 32, 64], "batch_size": 100, "lr": 0.15}}
 # The loopback S3 endpoint's bucket and the made-up keys it accepts.
 S3_BUCKET = "cifar10-tries"
@@ -61,7 +61,7 @@ GIT_IDENTITY = {
 }
 
 
-# The files that take longest, longest first (about 190, 110, 70, 60, 50, 40 and 35 s beside another test
+# The files that take longest, longest first (about 200, 100, 65, 65, 45, 40 and 35 s beside another test
 # process). Each test process takes whole files (pyproject.toml), so the suite lasts at least as long as its
 # longest file from the time it starts: handed out 11th, as xdist would by test count, test_pipeline.py ran on
 # alone at the end; and the files left for last are the short ones, which even out the two processes' ends.

@@ -173,7 +173,7 @@ def test_a_diverging_loss_stops_the_try_with_epoch_batch_and_lr(downloaded):
 
 
 def repro_lenet_stopped_at_epoch_2(project, stop, epochs=6, **options):
-    """Runs `dvc repro train@lenet` for epochs epochs, with Popen's options, and calls stop(the dvc process) once
+    """Runs `dvc repro train@lenet` for `epochs` epochs, with Popen's options, and calls stop(the dvc process) once
     epoch 2 is printed; returns its output lines, read to the end: the stage writes there too, and a closed
     pipe would stop it."""
     edit_params(project, lambda p: p["train"].update(epochs=epochs))

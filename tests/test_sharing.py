@@ -34,8 +34,8 @@ EXPERIMENT = ("lr-0.002", "train.lr=0.002")
 class Machines(NamedTuple):
     root: Path  # the folder holding the Git remote, the DVC remote and the clones
     a: Path  # the clone that trained
-    metrics: dict  # a's metrics, and its experiment's: what every other clone must get
-    experiment_metrics: dict
+    metrics: dict  # a's metrics: what every other clone must get
+    experiment_metrics: dict  # those of a's experiment (EXPERIMENT)
 
 
 @pytest.fixture(scope="module")
