@@ -27,7 +27,10 @@ def test_the_benchmark_prints_speed_up_and_floor_for_each_try_asked(small_archiv
     assert list(rows) == ["lenet", "lenet2_aug", "airbench"], lines
     for name, row in rows.items():
         pipeline, post, speed_up = int(row[2]), int(row[3]), float(row[4])
-        assert abs(speed_up - pipeline / post) < 0.02, (name, row[0])  # the ratio of the two throughputs
+        # The ratio of the two throughputs, which are printed rounded to whole images (a slow machine's 65
+        # img/s can be 0.8% off) and the ratio to 2 decimals: a check to 0.02 failed there once.
+        lowest, highest = (pipeline - 0.5) / (post + 0.5), (pipeline + 0.5) / (post - 0.5)
+        assert lowest - 0.005 <= speed_up <= highest + 0.005, (name, row[0])
 
 
 @pytest.mark.parametrize(
