@@ -181,13 +181,13 @@ def repro_lenet_stopped_at_epoch_2(project, stop, epochs=6, **options):
     options = {"env": tool_env(), **options}
     repro = subprocess.Popen(command, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              **options)  # fmt: skip
-    output = []
+    epoch_2, output = f"epoch  2/{epochs}", []
     for line in repro.stdout:
         output.append(line)
-        if line.startswith(f"epoch  2/{epochs}"):
+        if line.startswith(epoch_2):
             stop(repro)
     repro.wait()
-    assert any(line.startswith(f"epoch  2/{epochs}") for line in output), "".join(output)  # else nothing was stopped
+    assert any(line.startswith(epoch_2) for line in output), "".join(output)  # else nothing was stopped
     return output
 
 
