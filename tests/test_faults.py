@@ -193,16 +193,16 @@ def repro_lenet_stopped_at_epoch_2(project, stop, epochs=6, **options):
 
 @pytest.mark.e2e
 def test_a_training_stage_killed_mid_run_leaves_nothing_complete_and_repro_redoes_it(project):
-    # dvc and the stage it runs, with no chance to clean up. SIGKILL lands at once, an epoch before the stage
-    # would write: 3 epochs, which the rerun below trains in full.
+    # dvc and the stage it runs, with no chance to clean up. SIGKILL lands at once, two epochs (about a second)
+    # before the stage would write: 4 epochs, which the rerun below trains in full.
     kill = lambda repro: os.killpg(repro.pid, signal.SIGKILL)  # noqa: E731
-    repro_lenet_stopped_at_epoch_2(project, kill, epochs=3, start_new_session=True)
+    repro_lenet_stopped_at_epoch_2(project, kill, epochs=4, start_new_session=True)
     assert not (project / "metrics" / "lenet.json").exists()
     assert not (project / "plots" / "lenet" / "predictions.csv").exists()
     result = dvc("repro", "train@lenet", cwd=project)
     assert "Running stage 'train@lenet'" in result.stdout
     metrics = json.loads((project / "metrics" / "lenet.json").read_text())
-    assert metrics["epochs"] == 3 and not list(project.rglob(".*partial*"))
+    assert metrics["epochs"] == 4 and not list(project.rglob(".*partial*"))
     assert dvc("status", "train@lenet", cwd=project).stdout.strip().endswith("up to date.")
 
 
