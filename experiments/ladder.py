@@ -30,7 +30,7 @@ POST_RECIPE = {  # the 3rd try: LeNet_2, Adam, the post's augmentation; every ot
 # (name, what the rung adds, the keys it changes); each rung keeps the changes of the rungs before it.
 RUNGS = [
     ("lenet2_aug", "the 3rd try: LeNet_2, Adam, the post's augmentation", {}),
-    ("batchnorm", "+ BatchNorm after each convolution", {"model": "lenet2_bn"}),
+    ("batchnorm", "+ BatchNorm after each pooled convolution", {"model": "lenet2_bn"}),
     (
         "airbench_net",
         "+ airbench's net (whitening, 2 convolutions per block, GELU)",
