@@ -18,7 +18,7 @@ class Interrupted(Exception):
 
 def contents(folder):
     """{name: text} of every file under folder, hidden ones included, by path relative to it."""
-    return {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {p.relative_to(folder).as_posix(): p.read_text() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_a_file_written_whole_takes_its_place(tmp_path):
