@@ -124,38 +124,26 @@ def test_the_plots_page_draws_every_chart_in_a_browser_without_a_network(reprodu
     assert len(drawn) == len(PAGE_PLOTS), dom[-2000:]
 
 
-def test_exp_run_augment_all_retrains_plain_tries_and_plots_diff(reproduced):
-    project = back_to_baseline(reproduced)
-    result = dvc("exp", "run", "-n", "augment-all", "-S", "train.augment=true", cwd=project)
-    ran = stages_run(result.stdout)
-    # A try trained with this config before (by an earlier test, or by the user) comes from DVC's run-cache.
-    restored = re.findall(r"Stage '([^']+)' is cached - skipping run", result.stdout)
-    assert {"train@lenet", "train@lenet2", "report"} <= set(ran) | set(restored) and "download" not in ran
-    # lenet2_aug augments already and airbench sets augment itself: their configs did not change.
-    assert not {"train@lenet2_aug", "train@airbench"} & set(ran + restored)
-    diff = dvc("plots", "diff", "HEAD", "augment-all", "--json", cwd=project)
-    assert "error" not in diff.stderr.lower()
-    rendered = json.loads(diff.stdout)
-    assert not rendered.get("errors"), rendered.get("errors")
-    plots = rendered["data"]
-    for title in ("validation accuracy", "validation loss", "plots/lenet/predictions.csv"):
-        values = plots[title][0]["content"]["data"]["values"]
-        assert {point["rev"] for point in values} == {"HEAD", "augment-all"}, title
-    image_revisions = {rev for entry in plots["plots/report/val_acc_by_try.png"] for rev in entry["revisions"]}
-    assert image_revisions == {"HEAD", "augment-all"}
+# A shared key's change: the tries it puts out of date, each with what changes in its config.
+SHARED_CHANGES = {
+    "train.lr=0.002": {t: {"lr": "modified"} for t in ("lenet", "lenet2", "lenet2_aug")},  # airbench sets its own
+    # lenet2_aug augments already and airbench sets augment itself: the plain tries take the post's recipe too.
+    "train.augment=true": {t: {"augment": "modified", "augment_recipe": "new"} for t in ("lenet", "lenet2")},
+}
 
 
-def test_a_shared_key_puts_out_of_date_only_the_tries_that_take_it(reproduced):
+@pytest.mark.parametrize("change", SHARED_CHANGES)
+def test_a_shared_key_puts_out_of_date_only_the_tries_that_take_it(reproduced, change):
     project = back_to_baseline(reproduced)
-    # configure alone, then DVC's own view of what a run would retrain: the test above saw `-S
-    # train.augment=true` retrain exactly such tries, and training three more would add only time.
-    dvc("exp", "run", "-S", "train.lr=0.002", "configure", cwd=project)
+    # configure alone, then DVC's own view of what a run would retrain: the test below sees an experiment
+    # retrain exactly the tries whose configs changed, and training each change's tries would add only time.
+    dvc("exp", "run", "-S", change, "configure", cwd=project)
     changed = json.loads(dvc("status", "--json", cwd=project).stdout)
-    takes_it = ["lenet", "lenet2", "lenet2_aug"]  # airbench sets its own lr
-    assert changed == {f"train@{t}": [{"changed deps": {f"configs/{t}.yaml": {"lr": "modified"}}}] for t in takes_it}
+    takes_it = SHARED_CHANGES[change]
+    assert changed == {f"train@{t}": [{"changed deps": {f"configs/{t}.yaml": keys}}] for t, keys in takes_it.items()}
 
 
-def test_an_added_try_trains_alone_and_a_change_retrains_only_the_tries_it_reaches(reproduced):
+def test_an_added_try_and_a_change_retrain_only_the_tries_they_reach_and_plots_diff_shows_both(reproduced):
     project = back_to_baseline(reproduced)
     changes = ["augment.rotation=5", "++tries.lenet.lr=0.0005", "+tries.mine={model: lenet, lr: 0.002}"]
     result = dvc("exp", "run", "-n", "mine", *(part for change in changes for part in ("-S", change)), cwd=project)
@@ -166,12 +154,28 @@ def test_an_added_try_trains_alone_and_a_change_retrains_only_the_tries_it_reach
     shown = json.loads(dvc("metrics", "show", "--json", cwd=project).stdout)
     assert "metrics/mine.json" in next(iter(shown.values()))["data"]
     assert (project / "plots" / "report" / "mine_curves.png").exists()
+    assert_plots_diff_shows(project, ["HEAD", "mine"])
     # Back to the commit as the README says: nothing looks out of date, though DVC's models/.gitignore kept
     # the line it added for mine.pt.
     run(["git", "checkout", "params.yaml", "dvc.lock"], cwd=project)
     dvc("checkout", cwd=project)
     assert "/mine.pt" in (project / "models" / ".gitignore").read_text()
     assert dvc("status", cwd=project).stdout.strip() == "Data and pipelines are up to date."
+
+
+def assert_plots_diff_shows(project, revisions):
+    """`dvc plots diff` of revisions renders, without errors, the overlays, a try's confusion matrix and a
+    report figure, each with every revision's data."""
+    diff = dvc("plots", "diff", *revisions, "--json", cwd=project)
+    assert "error" not in diff.stderr.lower()
+    rendered = json.loads(diff.stdout)
+    assert not rendered.get("errors"), rendered.get("errors")
+    plots = rendered["data"]
+    for title in ("validation accuracy", "validation loss", "plots/lenet/predictions.csv"):
+        values = plots[title][0]["content"]["data"]["values"]
+        assert {point["rev"] for point in values} == set(revisions), title
+    image_revisions = {rev for entry in plots["plots/report/val_acc_by_try.png"] for rev in entry["revisions"]}
+    assert image_revisions == set(revisions)
 
 
 def back_to_baseline(reproduced):
