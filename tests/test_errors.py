@@ -28,16 +28,14 @@ COMMAND = """
 """
 
 
-def run_command(tmp_path, *args):
-    script = tmp_path / "command.py"
-    script.write_text(textwrap.dedent(COMMAND))
-    return run([sys.executable, str(script), *args], cwd=tmp_path, check=False, env={"PYTHONPATH": str(ROOT)})
+def run_command(*args):
+    return run([sys.executable, "-c", textwrap.dedent(COMMAND), *args], cwd=ROOT, check=False)
 
 
-def test_a_main_run_as_a_command_leaves_its_objects_to_the_os_whether_or_not_it_fails(tmp_path):
-    finished = run_command(tmp_path)
+def test_a_main_run_as_a_command_leaves_its_objects_to_the_os_whether_or_not_it_fails():
+    finished = run_command()
     assert (finished.returncode, finished.stdout) == (0, "done\nfrozen\n")
-    failed = run_command(tmp_path, "fail")
+    failed = run_command("fail")
     assert (failed.returncode, failed.stdout, failed.stderr) == (1, "frozen\n", "error: something to fix\n")
 
 
