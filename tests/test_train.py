@@ -198,6 +198,34 @@ def test_an_epochs_loss_and_accuracy_are_over_every_image_with_its_own_label(dat
     assert fit["loss"] == pytest.approx(loss, rel=1e-5) and fit["acc"] == pytest.approx(accuracy, abs=1e-9)
 
 
+class Recorder(torch.nn.Module):
+    """Logits of 0 for every image; keeps each batch it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias, self.batches = torch.nn.Parameter(torch.zeros(10)), []
+
+    def forward(self, images):
+        self.batches.append(images.clone())
+        return self.bias.expand(len(images), 10)
+
+
+def test_an_epochs_batches_follow_the_trys_generator_and_leave_torchs_global_one_alone(dataset):
+    # The order is drawn from the try's generator, which the augmentations share: another draw, or a draw
+    # from the global generator (seeded with the same seed, for weight init and dropout), would train
+    # every try on another order, and none would give the numbers it gave before.
+    model = Recorder()
+    updates = Updates(torch.optim.SGD(model.parameters(), lr=0.0))
+    torch.manual_seed(1)
+    global_state = torch.get_rng_state()
+    train_one_epoch(model, updates, dataset.train, 64, torch.Generator().manual_seed(0))
+    expected = torch.randperm(len(dataset.train.labels), generator=torch.Generator().manual_seed(0)).split(64)
+    assert len(expected) == 16
+    for batch, indices in zip(model.batches, expected, strict=True):
+        assert torch.equal(batch, normalise(take(dataset.train.images, indices)))
+    assert torch.equal(torch.get_rng_state(), global_state)
+
+
 def test_the_metrics_name_the_best_epoch_as_well_as_the_last():
     history = [{"epoch": e, "train_loss": 1.0, "train_acc": 50.0, "val_loss": 1.0, "val_acc": acc}
                for e, acc in [(1, 60.0), (2, 71.5), (3, 70.25)]]  # fmt: skip
