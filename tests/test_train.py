@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from torchvision import transforms
 
 from stages import loop as loop_module
+from stages import train as train_stage
 from stages.data import Split
 from stages.inference import load_checkpoint
 from stages.loop import (
@@ -126,6 +127,23 @@ def test_same_seed_gives_identical_results_and_another_seed_does_not(tmp_path, p
     other, _ = run_try(params, dataset, tmp_path / "c", name, device=device, seed=1)
     assert without_time(first) == without_time(again) and without_time(first) != without_time(other)
     assert same_weights(first_out, again_out)
+
+
+def test_the_seed_seeds_torchs_generator_and_the_trys_whose_first_draw_is_the_first_epochs_order(
+    tmp_path, params, dataset, monkeypatch
+):
+    # torch's global generator: weight init and dropout; the try's: the order of each epoch, then the
+    # augmentations' draws. Another seed for either would repeat per seed and still change every number.
+    seeds = []
+
+    def noting_the_seeds(model, updates, split, batch_size, generator, *args, **kwargs):
+        seeds.append((torch.initial_seed(), generator.get_state()))
+        return train_one_epoch(model, updates, split, batch_size, generator, *args, **kwargs)
+
+    monkeypatch.setattr(train_stage, "train_one_epoch", noting_the_seeds)
+    run_try(params, dataset, tmp_path, "lenet", epochs=1, seed=3)
+    [(global_seed, generator_state)] = seeds
+    assert global_seed == 3 and torch.equal(generator_state, torch.Generator().manual_seed(3).get_state())
 
 
 def test_preparing_batches_ahead_changes_nothing(tmp_path, params, dataset, monkeypatch):
