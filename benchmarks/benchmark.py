@@ -21,6 +21,7 @@ is on (train.amp: true in params.yaml).
 
     python -m benchmarks.benchmark                         # synthetic images
     python -m benchmarks.benchmark --archive cifar-10-python.tar.gz --train-images 10000
+    python -m benchmarks.benchmark --dataset data/cifar10   # the images `dvc repro` downloaded
 """
 
 import argparse
@@ -34,7 +35,7 @@ import torch
 from torch.nn import functional as F
 
 from benchmarks.post_loop import POST_MODELS, post_epoch, post_loaders
-from stages.data import Split, read_archive_batches
+from stages.data import DATASET_DIR, Split, load_dataset, read_archive_batches
 from stages.download import read_members
 from stages.errors import PipelineError, exits_cleanly
 from stages.loop import (
@@ -55,16 +56,17 @@ from stages.train import build_augmentation, fit_first_layer
 SLICE_BATCHES = 20  # batches per slice when the pipeline's training is compared with its floor
 
 
-def load_images(archive, train_count, test_count):
-    """(train Split, test Split) of uint8 tensors: real images from an archive, else random ones."""
-    if archive:
-        dataset = read_archive_batches(read_members(archive))
+def load_images(archive, dataset_dir, train_count, test_count):
+    """(train Split, test Split) of uint8 tensors: real images from an archive or from the folder the
+    download stage writes, else random ones."""
+    if archive or dataset_dir:
+        dataset = read_archive_batches(read_members(archive)) if archive else load_dataset(dataset_dir)
         train, test = dataset.train, dataset.test
     else:
         rng = np.random.default_rng(0)
         make = lambda n: Split(rng.integers(0, 256, (n, 3, 32, 32), np.uint8), rng.integers(0, 10, n))  # noqa: E731
         train, test = make(train_count), make(test_count)
-    split = lambda s, n: Split(torch.from_numpy(s.images[:n]).clone(), torch.from_numpy(s.labels[:n]).clone())  # noqa: E731
+    split = lambda s, n: Split(torch.as_tensor(s.images[:n]).clone(), torch.as_tensor(s.labels[:n]).clone())  # noqa: E731
     return split(train, train_count), split(test, test_count)
 
 
@@ -180,7 +182,10 @@ def parse_args(argv, params_path=PARAMS_FILE):
     """(arguments, params) of the command line, checked against the machine and params.yaml, which is read
     after --help has had its chance: a bad argument is named as such."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.benchmark", description=__doc__.splitlines()[0])
-    parser.add_argument("--archive", help="cifar-10-python.tar.gz to take real images from (default: random ones)")
+    images = parser.add_mutually_exclusive_group()  # where the images come from; neither: random ones
+    images.add_argument("--archive", help="cifar-10-python.tar.gz to take real images from (default: random ones)")
+    images.add_argument("--dataset", help="a folder the pipeline downloaded to take real images from: "
+                        f"{DATASET_DIR} after `dvc repro download` (default: random ones)")  # fmt: skip
     parser.add_argument("--train-images", type=positive_int, default=10000)
     parser.add_argument("--test-images", type=positive_int, default=2000)
     parser.add_argument("--rounds", type=positive_int, default=3, help="alternating rounds; the median is printed")
@@ -191,6 +196,10 @@ def parse_args(argv, params_path=PARAMS_FILE):
     args = parser.parse_args(argv)
     if args.archive and not Path(args.archive).is_file():
         parser.error(f"--archive: no such file: {args.archive}")
+    if args.dataset and not (Path(args.dataset) / "classes.json").is_file():
+        parser.error(
+            f"--dataset: no downloaded images in {args.dataset}; `dvc repro download` puts them in {DATASET_DIR}"
+        )
     params = load_params(params_path)
     unknown = [name for name in args.tries or [] if name not in params["tries"]]
     if unknown:
@@ -209,9 +218,10 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     keep_freed_memory()  # as stages.train does; the post's loop gets it too, which can only flatter the post
-    train, test = load_images(args.archive, args.train_images, args.test_images)
+    train, test = load_images(args.archive, args.dataset, args.train_images, args.test_images)
     print(f"machine: {platform.processor() or platform.machine()}, {describe(device)}, torch {torch.__version__}")
-    source = f"images from {Path(args.archive).name}" if args.archive else "random images"
+    origin = Path(args.archive).name if args.archive else args.dataset  # None: random images
+    source = f"images from {origin}" if origin else "random images"
     print(f"data: {source}, {len(train.labels)} training + {len(test.labels)} test per epoch, "
           f"median of {args.rounds} round{'s' * (args.rounds != 1)}")  # fmt: skip
     print(f"{'try':<12}{'pipeline img/s':>16}{'post img/s':>12}{'speed-up':>10}"

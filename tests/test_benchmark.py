@@ -4,9 +4,11 @@ import re
 import sys
 
 import pytest
+import torch
 
-from benchmarks.benchmark import parse_args
+from benchmarks.benchmark import load_images, parse_args
 from benchmarks.post_loop import training_transforms
+from stages.download import download
 from stages.params import PARAMS_FILE, load_params
 from tests.conftest import ROOT, run
 
@@ -41,6 +43,8 @@ def test_the_benchmark_prints_speed_up_and_floor_for_each_try_asked(small_archiv
         (["--threads", "0"], "argument --threads: expected an integer > 0, got '0'"),
         (["--tries", "nope", "lenet"], "--tries: nope not in params.yaml; its tries are lenet, lenet2,"),
         (["--archive", "missing.tar.gz"], "--archive: no such file: missing.tar.gz"),
+        (["--dataset", "nowhere"], "--dataset: no downloaded images in nowhere; `dvc repro download` puts them in "),
+        (["--archive", "a.tar.gz", "--dataset", "data"], "argument --dataset: not allowed with argument --archive"),
     ],
 )
 def test_a_bad_argument_is_named_before_any_work(capsys, args, message):
@@ -48,6 +52,17 @@ def test_a_bad_argument_is_named_before_any_work(capsys, args, message):
         parse_args(args, ROOT / PARAMS_FILE)
     assert exited.value.code == 2
     assert f"error: {message}" in capsys.readouterr().err
+
+
+def test_the_downloaded_folder_gives_the_archives_images(tmp_path, small_archive):
+    archive, md5 = small_archive
+    download(str(archive), md5, tmp_path / "cifar10")
+    from_archive = load_images(str(archive), None, 900, 200)
+    from_folder = load_images(None, tmp_path / "cifar10", 900, 200)
+    for archives, folders in zip(from_archive, from_folder, strict=True):
+        assert archives.images.shape == (len(archives.labels), 3, 32, 32)
+        assert torch.equal(archives.images, folders.images) and torch.equal(archives.labels, folders.labels)
+    assert [len(split.labels) for split in from_folder] == [900, 200]
 
 
 POST_AUGMENTATION = ["RandomHorizontalFlip", "RandomRotation", "RandomAffine", "ColorJitter"]
