@@ -10,6 +10,7 @@ uint8 .npy files, shaped (N, 3, 32, 32), which load in a fraction of a second.
 import io
 import json
 import pickle
+import reprlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -93,12 +94,23 @@ def read_images(batch, name, num_classes):
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         found = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise ArchiveError(f"{name}: 'data' must be an N x 3072 uint8 array, found {found}")
-    labels = np.asarray(labels if labels is not None else [], dtype=np.int64)
-    if labels.shape != (len(data),):
-        raise ArchiveError(f"{name}: expected {len(data)} labels (one per image), found {labels.size}")
+    labels = read_labels(labels, name)
+    if len(labels) != len(data):
+        raise ArchiveError(f"{name}: expected {len(data)} labels (one per image), found {len(labels)}")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ArchiveError(f"{name}: labels must be 0-{num_classes - 1}, found {labels.min()}-{labels.max()}")
     return Split(data.reshape(-1, *IMAGE_SHAPE), labels)
+
+
+def read_labels(labels, name):
+    """A batch's 'labels' (a list of integers in the official archive) as an int64 array."""
+    try:
+        values = np.asarray(labels if labels is not None else [])
+    except ValueError:  # lists of unequal lengths
+        values = None
+    if values is None or values.ndim != 1 or (values.size and not np.issubdtype(values.dtype, np.integer)):
+        raise ArchiveError(f"{name}: 'labels' must be a list of integers, one per image, found {reprlib.repr(labels)}")
+    return values.astype(np.int64)
 
 
 def read_classes(meta, name):

@@ -80,7 +80,11 @@ def local_copy(url, scratch_dir):
     if parsed.scheme == "file":
         path = Path(url2pathname(parsed.path))
     elif parsed.scheme == "" or len(parsed.scheme) == 1:  # a plain path, or a Windows drive letter
-        path = Path(url).expanduser()
+        try:
+            path = Path(url).expanduser()
+        except RuntimeError:  # ~name of a user this machine does not have
+            user = url.split("/")[0]
+            raise DownloadError(f"data.url {url!r}: no home folder for {user}; give the full path") from None
     else:
         raise DownloadError(
             f"data.url {url!r}: unsupported scheme {parsed.scheme!r}; use http(s)://, file:// or a local path"
@@ -104,6 +108,11 @@ def check_local_archive(url, path):
             f"data.url {url!r}: no such file {path.absolute()}; point data.url at a copy of "
             f"cifar-10-python.tar.gz{relative}"
         )
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise DownloadError(f"data.url {url!r}: cannot read {path} ({error.strerror}); check its permissions") from None
 
 
 class TransientError(Exception):

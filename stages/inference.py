@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from stages.errors import FILE_ERRORS, PipelineError, file_problem
 from stages.loop import EVAL_BATCH, normalise
 from stages.models import MODELS, build_model_for
+from stages.params import TRY_SCHEMA, check_mapping
 from stages.recipe import predict
 
 CHECKPOINT_KEYS = ("state_dict", "config", "classes", "history")
@@ -76,7 +77,11 @@ def load_checkpoint(path):
         raise CheckpointError(f"{path}: config.model is {found!r}; models are {', '.join(MODELS)}")
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise CheckpointError(f"{path}: classes must be a list of class names, found {classes!r}")
-    model = build_model_for(config, len(classes))
+    check_config_and_history(path, config, contents["history"])
+    try:
+        model = build_model_for(config, len(classes))
+    except (TypeError, ValueError, IndexError) as error:  # options the model cannot be built with
+        raise CheckpointError(f"{path}: its config builds no {config['model']} ({first_sentence(error)})") from None
     load_weights(model, contents["state_dict"], path)
     model.to(memory_format=torch.channels_last).eval()  # the layout training evaluated in: same rounding
     probabilities = contents.get("test_probabilities")
@@ -84,6 +89,17 @@ def load_checkpoint(path):
         raise CheckpointError(f"{path}: test_probabilities must be a float tensor of one row of {len(classes)} "
                               f"class probabilities per test image, found {described(probabilities)}")  # fmt: skip
     return Checkpoint(model, config, classes, contents["history"], probabilities)
+
+
+def check_config_and_history(path, config, history):
+    """The config's values that params.yaml's rules know (a checkpoint from an older version lacks later
+    keys), and a history of one dict per epoch, as stages/train.py writes them."""
+    known = {key: value for key, value in config.items() if key in TRY_SCHEMA}
+    problems = check_mapping("config", known, TRY_SCHEMA)
+    if not isinstance(history, list) or not all(isinstance(row, dict) for row in history):
+        problems.append(f"history: expected a list of one mapping per epoch, found {described(history)}")
+    if problems:
+        raise CheckpointError(f"{path}: {'; '.join(problems)}")
 
 
 def is_probability_table(table, num_classes):

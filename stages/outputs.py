@@ -66,10 +66,14 @@ def atomic_dir(path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = fresh_partial(path)
+    replaced = partial.with_name(f"{partial.name}-replaced")  # a name fresh_partial clears, should a kill leave it
     partial.mkdir()
     try:
         yield partial
-        shutil.rmtree(path, ignore_errors=True)
+        if path.exists():
+            # Out of the way in one step: a removal stopped part-way would leave some of its files at path.
+            path.rename(replaced)
         partial.rename(path)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(replaced, ignore_errors=True)

@@ -36,6 +36,8 @@ MODEL_OPTIONS = {
 WIDTH_COUNTS = {"airbench": 3}
 # Try names become file names (models/<try>.pt) and DVC stage names (train@<try>).
 TRY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # fullmatch: "$" would let a final newline in
+# A try's plots go to plots/<try>/, beside the outputs of these stages (dvc.yaml): DVC refuses outputs that overlap.
+TAKEN_TRY_NAMES = {"report": "report", "page_template.html": "plots_page"}  # name in plots/: its stage
 
 
 class Yaml12Loader(yaml.SafeLoader):
@@ -75,7 +77,17 @@ def _construct_int(loader, node):
         return scalar
 
 
+def _construct_float(loader, node):
+    """YAML 1.2's floats; "._" matches their pattern but holds no digit: a word, which the checks then name
+    (ruamel.yaml, DVC's YAML library, raises on it)."""
+    try:
+        return loader.construct_yaml_float(node)
+    except ValueError:
+        return loader.construct_scalar(node)
+
+
 Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+Yaml12Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 
 
 def read_yaml(text):
@@ -111,6 +123,10 @@ POSITIVE_NUMBER = Rule("a number > 0", lambda v: _is_number(v) and v > 0)
 NON_NEGATIVE_NUMBER = Rule("a number >= 0", lambda v: _is_number(v) and v >= 0)
 PROBABILITY = Rule("a number from 0 to 1", lambda v: _is_number(v) and 0 <= v <= 1)
 BELOW_ONE = Rule("a number >= 0 and < 1", lambda v: _is_number(v) and 0 <= v < 1)
+# The integers torch takes: seeds are 64-bit unsigned; thread counts and sizes, C ints and longs.
+SEED = Rule("an integer from 0 to 2**64 - 1", lambda v: _is_int(v) and 0 <= v < 2**64)
+THREADS = Rule("an integer from 0 to 2**31 - 1", lambda v: _is_int(v) and 0 <= v < 2**31)
+BATCH_SIZE = Rule("an integer from 1 to 2**63 - 1", lambda v: _is_int(v) and 0 < v < 2**63)
 TRANSLATION = Rule("an integer from 0 to 16 (pixels)", lambda v: _is_int(v) and 0 <= v <= 16)
 YAML11_BOOLEANS = {"y", "yes", "n", "no", "on", "off"}  # booleans in YAML 1.1 only (Yaml12Loader)
 BOOLEAN = Rule("true or false", lambda v: isinstance(v, bool))
@@ -131,7 +147,7 @@ WIDTHS = Rule(
 DATA_SCHEMA = {"url": TEXT, "md5": MD5}
 TRAIN_SCHEMA = {
     "epochs": POSITIVE_INT,
-    "batch_size": POSITIVE_INT,
+    "batch_size": BATCH_SIZE,
     "lr": POSITIVE_NUMBER,
     "optimizer": one_of(*OPTIMIZERS),
     "momentum": BELOW_ONE,
@@ -149,9 +165,9 @@ TRAIN_SCHEMA = {
     "flip": FLIP,
     "translate": TRANSLATION,
     "tta": one_of(*TTA_MODES),
-    "seed": NON_NEGATIVE_INT,
+    "seed": SEED,
     "device": one_of(*DEVICES),
-    "threads": NON_NEGATIVE_INT,
+    "threads": THREADS,
     "amp": BOOLEAN,
 }
 AUGMENT_SCHEMA = {
@@ -287,10 +303,17 @@ def check_tries(tries):
         return [f"tries: expected a non-empty mapping of try name to its settings, got {tries!r}"]
     problems = []
     for name, settings in tries.items():
-        if not isinstance(name, str) or not TRY_NAME.fullmatch(name):
+        if not isinstance(name, str):
+            problems.append(f"tries.{name}: a try name must be text; quote it: '{name}'")
+        elif not TRY_NAME.fullmatch(name):
             problems.append(
                 f"tries.{name}: a try name may hold only letters, digits, '_', '.' and '-', "
                 "and starts with a letter, digit or '_'"
+            )
+        elif name in TAKEN_TRY_NAMES:
+            problems.append(
+                f"tries.{name}: the name is taken: plots/{name} is the {TAKEN_TRY_NAMES[name]} stage's output, "
+                "where this try's plots would go; name the try otherwise"
             )
         problems += check_mapping(f"tries.{name}", settings, TRY_SCHEMA, required=("model",), inherits=True,
                                   missing_hint=misspelt_try_hint(name, tries))  # fmt: skip

@@ -45,13 +45,26 @@ class ImageError(PipelineError):
 def images_named(argument):
     """The paths an argument names: a folder's images (files with an image suffix, hidden ones left out, in
     name order; a broken link among them, for load_image to name), or the argument as given: a file, or a
-    folder without images, for predict to name."""
+    folder without images or that cannot be read, for predict to name."""
     path = Path(argument)
     if not path.is_dir():
         return [argument]
-    named = [p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.name[0] != "."]
+    try:
+        entries = list(path.iterdir())
+    except OSError:
+        return [argument]
+    named = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and p.name[0] != "."]
     images = sorted(p for p in named if p.is_file() or not p.exists())  # not a folder named like an image
     return [str(image) for image in images] or [argument]
+
+
+def folder_problem(path):
+    """Why a folder gave no image: it has none, or it cannot be read."""
+    try:
+        next(Path(path).iterdir(), None)
+    except OSError as error:
+        return f"{path}: a folder that cannot be read ({error.strerror})"
+    return f"{path}: a folder without images ({FORMATS} files)"
 
 
 def load_image(path):
@@ -83,7 +96,11 @@ def to_rgb(image):
     """RGB of any mode; transparent parts are laid on white, as a viewer shows them, not on hidden pixels;
     16-bit grey is scaled to 8 bits (65,535 -> 255)."""
     if image.mode in SIXTEEN_BIT_MODES:
-        eight_bit = (np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8)
+        values = np.asarray(image, dtype=np.float64)
+        eight_bit = (values / 257).round().clip(0, 255).astype(np.uint8)
+        transparent = image.info.get("transparency")  # the one grey value that stands for transparent, if any
+        if isinstance(transparent, int):
+            eight_bit[values == transparent] = WHITE[0]
         return Image.fromarray(eight_bit, "L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
@@ -97,8 +114,8 @@ def predict(checkpoint, arguments):
     results, images = [], []
     for path in [path for argument in arguments for path in images_named(argument)]:
         try:
-            if Path(path).is_dir():  # images_named() gives a folder only when it found no image in it
-                raise ImageError(f"{path}: a folder without images ({FORMATS} files)")
+            if Path(path).is_dir():  # images_named() gives a folder only where it found or could list no image
+                raise ImageError(folder_problem(path))
             images.append(load_image(path))
             results.append({"image": str(path)})
         except ImageError as error:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from stages.models import MODELS, model_options
-from stages.params import MODEL_OPTIONS, SECTIONS, TRAIN_SCHEMA, WIDTH_COUNTS
+from stages.params import MODEL_OPTIONS, SECTIONS, TAKEN_TRY_NAMES, TRAIN_SCHEMA, WIDTH_COUNTS
 from tests.conftest import ROOT, SHIPPED_TRIES, SLOWEST_FILES
 
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -48,6 +48,18 @@ def test_each_stage_lists_all_the_code_it_runs(name, stage):
     code -= {f"stages/{m}.py" for m in validates_only}
     deps = {d for d in stage["deps"] if d.startswith("stages/")}
     assert deps == code
+
+
+def test_the_names_a_try_cannot_take_are_the_other_stages_outputs_in_plots():
+    """A try writes plots/<try>/...: a name that is another stage's output in plots/ would overlap it."""
+    others = {
+        out.removeprefix("plots/"): name
+        for name, stage in stage_definitions()
+        if name != "train"
+        for out in stage.get("outs", [])
+        if out.startswith("plots/")
+    }
+    assert TAKEN_TRY_NAMES == others
 
 
 def test_params_knows_every_model_and_how_many_widths_it_takes():

@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 
+from stages import download as download_module
 from stages.data import ArchiveError, load_dataset
 from stages.download import DownloadError, download
 from tests.cifar_archive import CLASSES, batch_files, learnable_images, py2_pickle, write_archive
@@ -86,6 +87,19 @@ def test_local_paths_are_expanded_and_a_wrong_one_says_why(tmp_path, small_archi
     absolute = re.escape(str(tmp_path / "copies" / "c.tar.gz"))
     with pytest.raises(DownloadError, match=f"no such file {absolute}; .* a queued experiment runs in a copy"):
         download("copies/c.tar.gz", md5, tmp_path / "data" / "cifar10")
+    with pytest.raises(DownloadError, match="no home folder for ~no-such-user-here; give the full path"):
+        download("~no-such-user-here/c.tar.gz", md5, tmp_path / "data" / "cifar10")
+
+
+def test_an_archive_that_cannot_be_read_says_so(tmp_path, small_archive, monkeypatch):
+    def refused(path, *args, **kwargs):  # what a file without read permission gives a user other than root
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(download_module, "open", refused, raising=False)  # the module's open, ahead of builtins'
+    path, md5 = small_archive
+    with pytest.raises(DownloadError, match=f"cannot read {re.escape(str(path))} \\(Permission denied\\); check its"):
+        download(str(path), md5, tmp_path / "data" / "cifar10")
+    assert not (tmp_path / "data").exists()
 
 
 def test_a_missing_file_on_the_server_reports_the_http_status(tmp_path, http_server):
@@ -124,13 +138,21 @@ def test_missing_members_are_listed(tmp_path):
             {"data": np.zeros((10, 3072), np.uint8), "labels": [12] * 10},
             "data_batch_2: labels must be 0-9, found 12-12",
         ),
+        # Labels that are not integers: refused, not cut down to integers or left to fail later.
+        (
+            {"data": np.zeros((2, 3072), np.uint8), "labels": [1.7, 2.9]},
+            "data_batch_2: 'labels' must be a list of integers, one per image, found [1.7, 2.9]",
+        ),
+        ({"data": np.zeros((2, 3072), np.uint8), "labels": ["cat", "dog"]}, "found ['cat', 'dog']"),
+        ({"data": np.zeros((2, 3072), np.uint8), "labels": [[1], [2, 3]]}, "found [[1], [2, 3]]"),
+        ({"data": np.zeros((2, 3072), np.uint8), "labels": {"cat": 1}}, "found {'cat': 1}"),
     ],
 )
 def test_batches_of_the_wrong_shape_or_range_are_refused(tmp_path, batch, expected):
     files = batch_files()
     files["data_batch_2"] = pickle.dumps(batch, protocol=2)
     path, md5 = archive(tmp_path, files)
-    with pytest.raises(ArchiveError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ArchiveError, match=re.escape(expected)):
         download(str(path), md5, tmp_path / "data" / "cifar10")
 
 

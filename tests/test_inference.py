@@ -124,6 +124,19 @@ BROKEN = {
         rf"config.model is 'resnet'; models are {', '.join(MODELS)}$",
     ),
     "no-class-names": (lambda path: save_checkpoint(path, classes=[]), r"classes must be a list of class names"),
+    # A config or a history that stages/train.py would not write: named, not left to fail where it is read.
+    "views-of-no-kind": (
+        lambda path: save_checkpoint(path, config={"model": "lenet", "tta": "mirror"}),
+        r"config.tta: got 'mirror'; expected one of 'none', 'flip', 'flip_translate'$",
+    ),
+    "widths-of-one-block": (
+        lambda path: save_checkpoint(path, "airbench", config={"model": "airbench", "widths": [32]}),
+        r"its config builds no airbench \(IndexError: .*\)$",
+    ),
+    "history-of-no-epochs": (
+        lambda path: save_checkpoint(path, history={"val_acc": 50.0}),
+        r"history: expected a list of one mapping per epoch, found dict$",
+    ),
     "other-models-weights": (
         lambda path: save_checkpoint(path, "lenet2", config={"model": "lenet"}),
         r"its weights do not fit LeNet: it has unknown conv3.weight, conv3.bias; it has wrong shapes for conv1.weight",

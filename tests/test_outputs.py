@@ -5,9 +5,11 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
+from stages import outputs as outputs_module
 from stages.outputs import atomic_dir, atomic_path, write_csv, write_json
 from tests.conftest import ROOT
 
@@ -72,3 +74,27 @@ def test_a_folder_write_stopped_part_way_leaves_the_earlier_folder_alone(tmp_pat
         (partial / "lenet.yaml").write_text("new\n")
         raise Interrupted
     assert contents(tmp_path) == {"configs/lenet.yaml": "old\n"}
+
+
+def test_a_folder_replaced_while_its_predecessor_is_being_removed_is_whole(tmp_path, monkeypatch):
+    folder = tmp_path / "cifar10"
+    with atomic_dir(folder) as partial:
+        for name in ("classes.json", "train_images.npy"):
+            (partial / name).write_text("old\n")
+
+    def stopped_part_way(path, ignore_errors=False):
+        """Removes one file of path, if it has any, then stops: as a kill would, in the middle."""
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+        if files:
+            files[0].unlink()
+            raise Interrupted
+
+    monkeypatch.setattr(outputs_module.shutil, "rmtree", stopped_part_way)
+    with pytest.raises(Interrupted), atomic_dir(folder) as partial:
+        for name in ("classes.json", "train_images.npy"):
+            (partial / name).write_text("new\n")
+    assert contents(folder) == {"classes.json": "new\n", "train_images.npy": "new\n"}
+    monkeypatch.undo()
+    with atomic_dir(folder) as partial:  # the next write clears what the stopped one left beside it
+        (partial / "classes.json").write_text("next\n")
+    assert contents(tmp_path) == {"cifar10/classes.json": "next\n"}

@@ -106,6 +106,15 @@ def test_an_unknown_try_is_named():
         (lambda p: p["tries"].update({"a/b": {"model": "lenet"}}), "tries.a/b: a try name may hold only"),
         (lambda p: p["tries"].update({"-x": {"model": "lenet"}}), "and starts with a letter, digit or '_'"),
         (lambda p: p["tries"].update({"x2\n": {"model": "lenet"}}), "a try name may hold only"),  # a file name
+        (lambda p: p["tries"].update({5: {"model": "lenet"}}), "tries.5: a try name must be text; quote it: '5'"),
+        (  # its plots would go into the report's folder, which DVC refuses
+            lambda p: p["tries"].update(report={"model": "lenet"}),
+            "tries.report: the name is taken: plots/report is the report stage's output, where this try's plots",
+        ),
+        # What torch takes: a seed beyond 64 bits, or a count beyond a C int, would fail in training.
+        (lambda p: p["train"].update(seed=2**64), f"train.seed: got {2**64}; expected an integer from 0 to 2**64 - 1"),
+        (lambda p: p["tries"]["x"].update(threads=2**31), "tries.x.threads: got 2147483648; expected an integer"),
+        (lambda p: p["train"].update(batch_size=2**63), "train.batch_size: got 9223372036854775808; expected"),
         (lambda p: p.update(tries={}), "tries: expected a non-empty mapping"),
         (  # -S '++tries.lent.lr=0.002', where tries.lenet was meant
             lambda p: p["tries"].update(lent={"lr": 0.002}),
@@ -257,6 +266,14 @@ def test_a_value_means_to_the_stages_what_dvc_shows(text):
     dvcs = YAML(typ="safe").load(f"key: {text}")["key"]
     ours = read_yaml(f"key: {text}")["key"]
     assert (ours, type(ours)) == (dvcs, type(dvcs))
+
+
+def test_a_float_without_a_digit_is_a_word_that_the_checks_name(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / PARAMS_FILE).read_text().replace("\n  lr: 0.001 ", "\n  lr: ._ ", 1))
+    with pytest.raises(ParamsError) as raised:  # "._" matches YAML 1.2's float pattern: float(".") would fail
+        load_params(path)
+    assert raised.value.problems == ["train.lr: got '._'; expected a number > 0"]
 
 
 def test_yaml_11_booleans_are_named_as_words_and_an_exponent_is_a_number(tmp_path):

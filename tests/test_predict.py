@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,6 +126,18 @@ def test_transparent_parts_are_white_not_the_pixels_hidden_under_them(tmp_path):
     assert (loaded[0, :, 16:] == 255).all() and (loaded[1:, :, 16:] == 0).all()  # red
 
 
+@pytest.mark.parametrize("bits", [8, 16])
+def test_the_grey_that_a_png_names_transparent_is_white(tmp_path, bits):
+    levels = np.full((32, 32), 100 * 257 if bits == 16 else 100, np.uint16 if bits == 16 else np.uint8)
+    levels[:, :16] = 0  # the left half: the grey named transparent
+    image = Image.fromarray(levels)
+    path = tmp_path / f"grey{bits}.png"
+    image.save(path, transparency=0)
+    assert Image.open(path).info["transparency"] == 0  # as PIL reads it back, 8 bits or 16
+    loaded = load_image(path)
+    assert (loaded[:, :, :16] == 255).all() and (loaded[:, :, 16:] == 100).all()
+
+
 def test_a_photo_is_turned_upright_by_its_exif_orientation(tmp_path):
     pixels = np.zeros((20, 40, 3), np.uint8)
     pixels[:, :20, 0] = 255  # stored: red left, blue right
@@ -148,24 +161,41 @@ def test_a_big_photo_is_read_without_a_warning_and_a_huge_one_refused_with_what_
         load_image(huge)
 
 
-def truncated_jpeg(directory):
+def truncated_jpeg(directory, _):
     path = save(photo((64, 64)), directory / "cut.jpg")
     path.write_bytes(path.read_bytes()[:300])
     return path
 
 
-BAD_IMAGES = {
-    "missing": (lambda d: d / "nothing.png", "no such image"),
-    "not-an-image": (lambda d: (d / "notes.png").write_text("hello") and d / "notes.png", "not an image"),
+def unreadable_folder(directory, monkeypatch):
+    """A folder that lists as chmod 000 makes it list for a user other than root (the tests may run as root)."""
+    locked = directory / "locked"
+    locked.mkdir()
+    listing = Path.iterdir
+
+    def iterdir(self):
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        yield from listing(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    return locked
+
+
+BAD_IMAGES = {  # name: (make(folder, monkeypatch) -> the bad path, the start of its message)
+    "missing": (lambda d, _: d / "nothing.png", "no such image"),
+    "not-an-image": (lambda d, _: (d / "notes.png").write_text("hello") and d / "notes.png", "not an image"),
     "truncated": (truncated_jpeg, "damaged or truncated image"),
-    "a-folder-without-images": (lambda d: (d / "folder").mkdir() or d / "folder", "a folder without images"),
+    "a-folder-without-images": (lambda d, _: (d / "folder").mkdir() or d / "folder", "a folder without images"),
+    "an-unreadable-folder": (unreadable_folder, "a folder that cannot be read (Permission denied)"),
 }
 
 
 @pytest.mark.parametrize("name", BAD_IMAGES)
-def test_a_bad_image_is_named_and_the_others_still_classified(capsys, tmp_path, trained_try, test_images, name):
+def test_a_bad_image_is_named_and_the_others_still_classified(capsys, tmp_path, trained_try, test_images, name,
+                                                               monkeypatch):  # fmt: skip
     make, message = BAD_IMAGES[name]
-    bad = make(tmp_path)
+    bad = make(tmp_path, monkeypatch)
     good = list(test_images)[:2]
     status, out, err = run_main(capsys, trained_try.model, good[0], bad, good[1], "--json")
     results = json.loads(out)
