@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from stages.errors import FILE_ERRORS, PipelineError, file_problem
 from stages.loop import EVAL_BATCH, normalise
 from stages.models import MODELS, build_model_for
-from stages.params import TRY_SCHEMA, check_mapping
+from stages.params import TRY_SCHEMA, check_mapping, widths_problems
 from stages.recipe import predict
 
 CHECKPOINT_KEYS = ("state_dict", "config", "classes", "history")
@@ -78,10 +78,7 @@ def load_checkpoint(path):
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise CheckpointError(f"{path}: classes must be a list of class names, found {classes!r}")
     check_config_and_history(path, config, contents["history"])
-    try:
-        model = build_model_for(config, len(classes))
-    except (TypeError, ValueError, IndexError) as error:  # options the model cannot be built with
-        raise CheckpointError(f"{path}: its config builds no {config['model']} ({first_sentence(error)})") from None
+    model = build_model_for(config, len(classes))
     load_weights(model, contents["state_dict"], path)
     model.to(memory_format=torch.channels_last).eval()  # the layout training evaluated in: same rounding
     probabilities = contents.get("test_probabilities")
@@ -96,6 +93,8 @@ def check_config_and_history(path, config, history):
     keys), and a history of one dict per epoch, as stages/train.py writes them."""
     known = {key: value for key, value in config.items() if key in TRY_SCHEMA}
     problems = check_mapping("config", known, TRY_SCHEMA)
+    if not problems and known.get("widths") is not None:
+        problems += widths_problems("config", known["model"], known["widths"])
     if not isinstance(history, list) or not all(isinstance(row, dict) for row in history):
         problems.append(f"history: expected a list of one mapping per epoch, found {described(history)}")
     if problems:

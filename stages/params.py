@@ -286,12 +286,17 @@ def check_model_options(params, name, config, judgeable):
                 f"tries.{name}.{option}: model {model!r} does not take it; only "
                 f"{', '.join(models_taking(option))} does, so remove the key"
             )
-    count = WIDTH_COUNTS.get(model)
-    if "widths" in config and "widths" in judgeable and count and len(config["widths"]) != count:
-        problems.append(
-            f"tries.{name}.widths: got {config['widths']!r}; model {model!r} takes {count} widths, one per block"
-        )
+    if "widths" in config and "widths" in judgeable:
+        problems += widths_problems(f"tries.{name}", model, config["widths"])
     return problems
+
+
+def widths_problems(where, model, widths):
+    """[the problem] when model takes another number of widths than the list widths holds, else []."""
+    count = WIDTH_COUNTS.get(model)
+    if count and len(widths) != count:
+        return [f"{where}.widths: got {widths!r}; model {model!r} takes {count} widths, one per block"]
+    return []
 
 
 def models_taking(option):
