@@ -108,11 +108,6 @@ def check_local_archive(url, path):
             f"data.url {url!r}: no such file {path.absolute()}; point data.url at a copy of "
             f"cifar-10-python.tar.gz{relative}"
         )
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as error:
-        raise DownloadError(f"data.url {url!r}: cannot read {path} ({error.strerror}); check its permissions") from None
 
 
 class TransientError(Exception):
@@ -199,9 +194,12 @@ def writing(path):
 
 def check_md5(path, expected, url):
     digest = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+    except OSError as error:  # the archive's first read: a local file may lack read permission
+        raise DownloadError(f"data.url {url!r}: cannot read {path} ({error.strerror}); check its permissions") from None
     actual = digest.hexdigest()
     if actual != expected.lower():
         raise DownloadError(
