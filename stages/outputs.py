@@ -16,6 +16,15 @@ class TryOutputs(NamedTuple):
     predictions: Path
 
 
+HISTORY_HEADER = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
+
+
+def history_rows(history):
+    """A try's history (one dict per epoch) as history.csv holds it: losses to 5 decimals, accuracies (%) to 4."""
+    return [[row["epoch"], f"{row['train_loss']:.5f}", f"{row['train_acc']:.4f}", f"{row['val_loss']:.5f}",
+             f"{row['val_acc']:.4f}"] for row in history]  # fmt: skip
+
+
 def outputs_for(name):
     return TryOutputs(
         model=Path("models") / f"{name}.pt",

@@ -37,7 +37,8 @@ WIDTH_COUNTS = {"airbench": 3}
 # Try names become file names (models/<try>.pt) and DVC stage names (train@<try>).
 TRY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # fullmatch: "$" would let a final newline in
 # A try's plots go to plots/<try>/, beside the outputs of these stages (dvc.yaml): DVC refuses outputs that overlap.
-TAKEN_TRY_NAMES = {"report": "report", "page_template.html": "plots_page"}  # name in plots/: its stage
+# {name in plots/: its stage}
+TAKEN_TRY_NAMES = {"report": "report", "histories.csv": "report", "page_template.html": "plots_page"}
 
 
 class Yaml12Loader(yaml.SafeLoader):

@@ -7,6 +7,8 @@ try (its model, its per-epoch history, and its final evaluation's class probabil
   plots/report/val_acc_by_try.png     every try's validation accuracy per epoch
   plots/report/accuracy_by_class.png  every try's accuracy on each class of the test images, side by side
   plots/report/<try>_mistakes.png     the test images the try gets most confidently wrong
+  plots/histories.csv                 every try's per-epoch history, a row per try and epoch: the plots page's
+                                      overlays read it, so that every try of params.yaml shows up there
 
     python -m stages.report
 """
@@ -26,16 +28,17 @@ from torch import nn  # noqa: E402
 from stages.data import DATASET_DIR, load_dataset  # noqa: E402
 from stages.errors import PipelineError, exits_cleanly  # noqa: E402
 from stages.inference import load_checkpoint, test_time_views  # noqa: E402
-from stages.outputs import atomic_dir, outputs_for  # noqa: E402
+from stages.outputs import HISTORY_HEADER, atomic_dir, history_rows, outputs_for, write_csv  # noqa: E402
 from stages.params import load_params  # noqa: E402
 
 REPORT_DIR = Path("plots/report")
+HISTORIES = Path("plots/histories.csv")
 SAMPLE_COUNT = 20
 MISTAKE_ROWS, MISTAKE_COLUMNS = 4, 6  # the grid of most confidently wrong test images
 BAR_SHOWN_FROM = 1.0  # the per-class figure's lowest accuracy (%) whose bar shows (3 pixels): below, it is written
 TTA_WORDS = {"flip": "test-time flips", "flip_translate": "test-time flips and shifts"}  # params.py's TTA_MODES
 # The plots page's colours (Vega-Lite's default scheme, tableau10), which its overlays give the tries in the order
-# of their history files' paths: a try then has one colour on the whole page, its charts and these figures.
+# of their names: a try then has one colour on the whole page, its charts and these figures.
 PAGE_COLOURS = ["#4c78a8", "#f58518", "#e45756", "#72b7b2", "#54a24b", "#eeca3b", "#b279a2", "#ff9da6", "#9d755d",
                 "#bab0ac"]  # fmt: skip
 # A try's training curves, beside its validation curves in the try's page colour: matplotlib's own blue and
@@ -101,10 +104,9 @@ def draw_curves(name, history, path, colour, conditions=None):
 
 
 def page_colours(names):
-    """{try: its colour on the plots page}: the page's overlays colour the tries in the order of their history
-    files' paths (plots/lenet/history.csv before plots/lenet2/history.csv)."""
-    ranked = sorted(names, key=lambda name: outputs_for(name).history.as_posix())  # as dvc.yaml spells them
-    return {name: PAGE_COLOURS[rank % len(PAGE_COLOURS)] for rank, name in enumerate(ranked)}
+    """{try: its colour on the plots page}: the page's overlays colour the tries in the order of their names
+    (Vega sorts a colour's values as text, by character code: "lenet" before "lenet-x" before "lenet2")."""
+    return {name: PAGE_COLOURS[rank % len(PAGE_COLOURS)] for rank, name in enumerate(sorted(names))}
 
 
 def draw_comparison(histories, path, final_views=None):
@@ -183,6 +185,13 @@ def confident_mistakes(probabilities, labels, count):
     return wrong[confidence[wrong].argsort(descending=True, stable=True)[:count]]
 
 
+def write_histories(histories, path=HISTORIES):
+    """histories: try -> its per-epoch history. One file, a column naming the try, for dvc.yaml's overlays:
+    dvc.yaml cannot list a file per try outside a stage's foreach, and one file takes in a try added later."""
+    rows = [[name, *row] for name, history in histories.items() for row in history_rows(history)]
+    write_csv(path, ["try", *HISTORY_HEADER], rows)
+
+
 def save(fig, path):
     fig.tight_layout()
     # From matplotlib 3.8 on, tight_layout leaves a placeholder layout engine behind, and savefig draws a figure
@@ -211,7 +220,7 @@ def load_try(name, test_count):
     return checkpoint
 
 
-def report(try_names, dataset, out_dir=REPORT_DIR):
+def report(try_names, dataset, out_dir=REPORT_DIR, histories_path=HISTORIES):
     test, classes = dataset.test, dataset.classes
     checkpoints = {name: load_try(name, len(test.labels)) for name in try_names}
     probabilities = {name: c.test_probabilities for name, c in checkpoints.items()}
@@ -228,10 +237,11 @@ def report(try_names, dataset, out_dir=REPORT_DIR):
         final_views = {name: c.final_views for name, c in conditions.items()}
         draw_comparison(histories, partial / "val_acc_by_try.png", final_views)
         draw_class_accuracy(accuracies, overall, classes, partial / "accuracy_by_class.png")
+    write_histories(histories, histories_path)
     for name, accuracy in accuracies.items():
         shares = zip(classes, accuracy.tolist(), strict=True)  # n/a: the class has no test images
         print(f"{name}: " + ", ".join(f"{c} n/a" if math.isnan(a) else f"{c} {a:.1f}%" for c, a in shares))
-    print(f"wrote {out_dir}: {2 * len(checkpoints) + 3} figures")
+    print(f"wrote {out_dir}: {2 * len(checkpoints) + 3} figures; {histories_path}: {len(histories)} tries")
 
 
 @exits_cleanly

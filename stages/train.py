@@ -34,12 +34,11 @@ from stages.loop import (
     train_one_epoch,
 )
 from stages.models import build_model_for, count_parameters
-from stages.outputs import atomic_path, outputs_for, write_csv, write_json
+from stages.outputs import HISTORY_HEADER, atomic_path, history_rows, outputs_for, write_csv, write_json
 from stages.params import read_try_config
 from stages.translate import FlipTranslate
 
 FIT_IMAGES = 5000  # training images a model whose first layer is set from the data (Airbench) looks at
-HISTORY_HEADER = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
 
 
 def train(config, recipe, dataset, outputs, name="try", stop_if_abandoned=lambda: None):
@@ -203,20 +202,7 @@ def write_outputs(outputs, model, config, classes, history, final, labels, metri
         checkpoint = {"state_dict": state, "config": config, "classes": classes, "history": history,
                       "test_probabilities": F.softmax(final["logits"], dim=1)}  # fmt: skip
         torch.save(checkpoint, partial)
-    write_csv(
-        outputs.history,
-        HISTORY_HEADER,
-        [
-            [
-                row["epoch"],
-                f"{row['train_loss']:.5f}",
-                f"{row['train_acc']:.4f}",
-                f"{row['val_loss']:.5f}",
-                f"{row['val_acc']:.4f}",
-            ]
-            for row in history
-        ],
-    )
+    write_csv(outputs.history, HISTORY_HEADER, history_rows(history))
     write_csv(
         outputs.predictions,
         ["actual", "predicted"],

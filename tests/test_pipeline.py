@@ -60,6 +60,9 @@ def test_repro_runs_every_stage_and_writes_outputs(reproduced):
         assert (project / "plots" / "report" / f"{name}_mistakes.png").exists()
     figures = {p.name for p in (project / "plots" / "report").iterdir()}
     assert {"samples.png", "val_acc_by_try.png", "accuracy_by_class.png"} <= figures
+    with open(project / "plots" / "histories.csv") as f:  # what the overlays read
+        gathered = [(row["try"], row["epoch"]) for row in csv.DictReader(f)]
+    assert gathered == [(name, epoch) for name in SHIPPED_TRIES for epoch in ("1", "2")]
     assert (project / "plots" / "page_template.html").stat().st_size > 500_000  # Vega, Vega-Lite, vega-embed
 
 
@@ -154,7 +157,9 @@ def test_an_added_try_and_a_change_retrain_only_the_tries_they_reach_and_plots_d
     shown = json.loads(dvc("metrics", "show", "--json", cwd=project).stdout)
     assert "metrics/mine.json" in next(iter(shown.values()))["data"]
     assert (project / "plots" / "report" / "mine_curves.png").exists()
-    assert_plots_diff_shows(project, ["HEAD", "mine"])
+    plots = assert_plots_diff_shows(project, ["HEAD", "mine"])
+    overlaid = {(point["try"], point["rev"]) for point in plots["validation accuracy"][0]["content"]["data"]["values"]}
+    assert overlaid == {(t, rev) for t in SHIPPED_TRIES for rev in ("HEAD", "mine")} | {("mine", "mine")}
     # Back to the commit as the README says: nothing looks out of date, though DVC's models/.gitignore kept
     # the line it added for mine.pt.
     run(["git", "checkout", "params.yaml", "dvc.lock"], cwd=project)
@@ -165,7 +170,7 @@ def test_an_added_try_and_a_change_retrain_only_the_tries_they_reach_and_plots_d
 
 def assert_plots_diff_shows(project, revisions):
     """`dvc plots diff` of revisions renders, without errors, the overlays, a try's confusion matrix and a
-    report figure, each with every revision's data."""
+    report figure, each with every revision's data; returns what it rendered (title -> its plots)."""
     diff = dvc("plots", "diff", *revisions, "--json", cwd=project)
     assert "error" not in diff.stderr.lower()
     rendered = json.loads(diff.stdout)
@@ -176,6 +181,7 @@ def assert_plots_diff_shows(project, revisions):
         assert {point["rev"] for point in values} == set(revisions), title
     image_revisions = {rev for entry in plots["plots/report/val_acc_by_try.png"] for rev in entry["revisions"]}
     assert image_revisions == set(revisions)
+    return plots
 
 
 def back_to_baseline(reproduced):

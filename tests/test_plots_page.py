@@ -124,18 +124,17 @@ def test_a_confusion_matrix_keeps_a_class_that_is_never_predicted():
 
 
 def drawn_lines(template, tries, revisions, epochs=3):
-    """{(history file, revision): (colour, dashes)} of the lines Vega draws for dvc.yaml's overlay of the tries'
-    history.csv over epochs 1..epochs, and every text it writes."""
-    files = [f"{name}/history.csv" for name in tries]  # as DVC names them: the common "plots/" left out
-    data = [{"epoch": epoch, "val_acc": 50.0 + k + epoch, "rev": rev, "filename": file}
-            for k, rev in enumerate(revisions) for file in files for epoch in range(1, epochs + 1)]  # fmt: skip
-    sources = [{"filename": file, "field": "val_acc"} for file in files]
+    """{(try, revision): (colour, dashes)} of the lines Vega draws for dvc.yaml's overlay of the tries' histories
+    (plots/histories.csv, a column naming the try) over epochs 1..epochs, and every text it writes."""
+    data = [{"try": name, "epoch": epoch, "val_acc": 50.0 + k + epoch, "rev": rev, "filename": "histories.csv"}
+            for k, rev in enumerate(revisions) for name in tries for epoch in range(1, epochs + 1)]  # fmt: skip
+    sources = [{"filename": "histories.csv", "field": "val_acc"}]
     svg = drawn_svg(data, template, x="epoch", y="val_acc", anchors_y_definitions=sources)
     lines = {}
     for label, colour, dashes in re.findall(r'aria-label="(epoch: 1;[^"]*)"[^>]*stroke="([^"]+)"[^>]*'
                                             r'stroke-dasharray="([^"]+)"', svg):  # fmt: skip
         fields = dict(part.split(": ", 1) for part in label.split("; "))  # the legend's titles name the fields
-        lines[fields.get("try", fields.get("filename")), fields.get("revision", fields.get("rev"))] = colour, dashes
+        lines[fields.get("try"), fields.get("revision", fields.get("rev"))] = colour, dashes
     return lines, re.findall(r"<text[^>]*>([^<]*)</text>", svg)
 
 
@@ -146,22 +145,21 @@ def test_the_overlays_give_each_try_a_colour_and_each_revision_a_dash():
     tries, revisions = ["lenet", "lenet2", "airbench"], ["HEAD", "my-experiment"]
     lines, texts = drawn_lines(templates.pop(), tries, revisions)
     assert len(lines) == len(tries) * len(revisions)
-    colour = {file: {lines[file, rev][0] for rev in revisions} for file, _ in lines}
-    dashes = {rev: {lines[file, rev][1] for file, _ in lines} for rev in revisions}
+    colour = {name: {lines[name, rev][0] for rev in revisions} for name, _ in lines}
+    dashes = {rev: {lines[name, rev][1] for name, _ in lines} for rev in revisions}
     assert all(len(c) == 1 for c in colour.values()) and len({c.pop() for c in colour.values()}) == len(tries)
     assert all(len(d) == 1 for d in dashes.values()) and len({d.pop() for d in dashes.values()}) == len(revisions)
-    assert set(tries) <= set(texts) and not any(text.endswith("history.csv") for text in texts)  # legend: try names
-    # DVC's own: every line of one revision takes the same colour, told apart by dashes only.
-    theirs, _ = drawn_lines("linear", tries, revisions)
-    assert len({theirs[f"{name}/history.csv", "HEAD"][0] for name in tries}) == 1
+    assert set(tries) <= set(texts)  # the legend names the tries
+    # DVC's own colours by revision only: its legend names the revisions and no try.
+    _, their_texts = drawn_lines("linear", tries, revisions)
+    assert set(revisions) <= set(their_texts) and not set(tries) & set(their_texts)
 
 
 def test_the_reports_figures_give_each_try_the_colour_the_overlays_give_it():
     template = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"][0]["validation accuracy"]["template"]
-    tries = ["lenet2_aug", "lenet", "mine", "airbench", "lenet2", "lenet-x"]  # "lenet-x/" sorts before "lenet/"
+    tries = ["lenet2_aug", "lenet", "mine", "airbench", "lenet2", "lenet-x", "Zeta", "_x"]  # "Z" < "_" < "a"
     lines, _ = drawn_lines(template, tries, ["HEAD"])
-    on_the_page = {file.removesuffix("/history.csv"): colour for (file, _), (colour, _) in lines.items()}
-    assert page_colours(tries) == on_the_page
+    assert page_colours(tries) == {name: colour for (name, _), (colour, _) in lines.items()}
 
 
 def x_labels(template, epochs):

@@ -1,6 +1,7 @@
 """The report stage: the post's figures, one set per try, from the checkpoints' histories, and what each try
 gets wrong: accuracy per class and its most confident mistakes."""
 
+import csv
 import math
 import zlib
 
@@ -28,6 +29,7 @@ from stages.report import (
     draw_comparison,
     draw_curves,
     report,
+    write_histories,
 )
 
 CLASSES = [f"class{i}" for i in range(10)]
@@ -66,6 +68,20 @@ def test_report_draws_the_grid_each_try_and_the_comparison(tmp_path, monkeypatch
     for name in ("samples.png", "lenet_mistakes.png"):
         pixels = np.asarray(figures[name].convert("RGB")).reshape(-1, 3)
         assert (pixels == [255, 0, 0]).all(axis=1).sum() > 1000, name  # the images' own red, exactly
+    with open(tmp_path / "plots" / "histories.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(row["try"], row["epoch"]) for row in rows] == [("lenet", "1"), ("lenet", "2"), ("lenet", "3"),
+                                                            ("mine", "1"), ("mine", "2")]  # fmt: skip
+    assert rows[4]["val_acc"] == f"{9.0 * 2:.4f}" and rows[4]["train_loss"] == f"{2.0 / 2:.5f}"
+
+
+def test_the_histories_file_holds_each_trys_history_csv_with_its_name(tmp_path, trained_try):
+    """The overlays' file: a try's lines are its own history.csv's, as training wrote them, with its name first."""
+    history = inference.load_checkpoint(trained_try.model).history
+    write_histories({"lenet": history, "mine": history[:1]}, tmp_path / "histories.csv")
+    header, *rows = trained_try.history.read_text().splitlines()
+    expected = [f"try,{header}", *(f"lenet,{row}" for row in rows), f"mine,{rows[0]}"]
+    assert (tmp_path / "histories.csv").read_text().splitlines() == expected
 
 
 def test_the_figures_plot_each_trys_own_numbers(tmp_path, monkeypatch, dataset):
@@ -206,7 +222,7 @@ def test_a_missing_checkpoint_names_the_stage_to_run(tmp_path, monkeypatch, data
     monkeypatch.chdir(tmp_path)
     with pytest.raises(PipelineError, match=r"models/lenet.pt is missing; run `dvc repro train@lenet` first"):
         report(["lenet"], dataset, tmp_path / "plots" / "report")
-    assert not (tmp_path / "plots" / "report").exists()
+    assert not (tmp_path / "plots" / "report").exists() and not (tmp_path / "plots" / "histories.csv").exists()
 
 
 def test_a_checkpoint_without_the_test_sets_probabilities_names_the_stage_to_rerun(tmp_path, monkeypatch, dataset):
