@@ -270,10 +270,12 @@ def run_queue(project, experiments, jobs=2, timeout=600):
             # Once every ref is there, asked until DVC marks the last one done (a moment after its ref).
             all_refs = len(experiment_refs(project) - before) >= experiments
             if all_refs or time.monotonic() - checked > QUEUE_CHECK_S:
-                if not queue_busy(project, deadline, timeout):
+                status = dvc("queue", "status", cwd=project).stdout
+                if not queue_busy(status, deadline, timeout):
                     break
                 checked = time.monotonic()
             time.sleep(0.5)
+        assert_none_failed(project, status)
     finally:
         dvc("queue", "stop", "--kill", cwd=project, check=False)
 
@@ -288,12 +290,20 @@ def experiment_refs(project):
     return {ref for ref in refs if re.match(r"refs/exps/[0-9a-f]{2}/", ref)}
 
 
-def queue_busy(project, deadline, timeout):
-    """Whether `dvc queue status` lists an experiment queued or running; fails once deadline has passed."""
-    status = dvc("queue", "status", cwd=project).stdout
+def queue_busy(status, deadline, timeout):
+    """Whether `dvc queue status` (its output: status) lists an experiment queued or running; fails once
+    deadline has passed."""
     busy = re.search(r"\b(Queued|Running)\b", status) is not None
     assert not busy or time.monotonic() < deadline, f"queued experiments did not finish in {timeout} s:\n{status}"
     return busy
+
+
+def assert_none_failed(project, status):
+    """Fails with their logs if `dvc queue status` (its output: status) lists experiments that failed: a
+    test that reads the experiments would otherwise fail later, on a metric that is not there."""
+    failed = re.findall(r"^(\w+)\s.*\bFailed\s*$", status, re.M)  # a row: task id, name, created, status
+    logs = {task: dvc("queue", "logs", task, cwd=project, check=False).stdout for task in failed}
+    assert not failed, "\n".join(f"experiment {task} failed:\n{log[-3000:]}" for task, log in logs.items())
 
 
 def edit_params(project, change):

@@ -29,6 +29,9 @@ def lean_project(tmp_path, http_server, small_archive):
 
 
 def test_a_queued_sweep_runs_every_point_with_its_own_params_and_metrics(lean_project, learnable_dataset, tmp_path):
+    # As the README has it, the first parallel queue follows a `dvc repro`: every point finds the download in
+    # DVC's cache. Two workers running it at once can collide in DVC's run-cache (see README's Sweeps).
+    dvc("repro", "download", cwd=lean_project)
     sweep = ["-S", f"train.lr={','.join(map(str, LRS))}", "-S", f"train.seed={','.join(map(str, SEEDS))}"]
     queued = dvc("exp", "run", "--queue", *sweep, cwd=lean_project)
     assert queued.stdout.count("Queued experiment") == len(LRS) * len(SEEDS), queued.stdout
